@@ -1,0 +1,1 @@
+"""Command-line interface (`cytosyn …`). Imports the library; the library never imports it."""

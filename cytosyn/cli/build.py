@@ -1,0 +1,80 @@
+"""`cytosyn data build`."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cytosyn.config import ConfigError, load_config
+from cytosyn.pipeline.build import build_dataset
+from cytosyn.pipeline.report import summary_frame
+
+DEMO_OUT = Path("cytosyn-demo")
+console = Console(stderr=False)
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("cytosyn") / "resources" / "demo.yaml"))
+
+
+def build(
+    pipeline: Annotated[Optional[Path], typer.Argument(help="pipeline YAML; omit to build the embedded demo")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="dataset root (default: ./cytosyn-demo for the demo, ./<name> otherwise)")] = None,
+    slides: Annotated[Optional[Path], typer.Option(help="folder of slides (overrides the config's slide source)")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="MPP override for every slide (µm/px)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="worker processes (a local Dask cluster when > 1)")] = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="address of an existing Dask scheduler")] = None,
+) -> None:
+    """Build a dataset: slides → tissue → candidates → selection → lossless PNG tiles → reports."""
+    try:
+        cfg = load_config(pipeline or demo_config_path())
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    overrides: dict = {}
+    if workers is not None:
+        overrides["workers"] = workers
+    if dask_address is not None:
+        overrides["dask_address"] = dask_address
+    slide_updates: dict = {}
+    if slides is not None:
+        slide_updates.update(source="folder", folder=slides.resolve())
+    if mpp is not None:
+        slide_updates["mpp"] = mpp
+    if slide_updates:
+        overrides["slides"] = cfg.slides.model_copy(update=slide_updates)
+    cfg = cfg.model_copy(update=overrides)
+    root = out or (DEMO_OUT if pipeline is None else Path(cfg.name))
+    try:
+        result = build_dataset(cfg, root)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    _print_summary(result.slides)
+    console.print(f"dataset: {result.root}  (report: {result.root / 'reports' / 'build.md'})")
+    if result.errors:
+        console.print(f"[red]{len(result.errors)} slide(s) failed:[/red]")
+        for err in result.errors:
+            console.print(f"  {err}", markup=False, highlight=False)
+        raise typer.Exit(1)
+
+
+def _print_summary(slides) -> None:
+    table = Table(title="CytoSyn build")
+    frame = summary_frame(slides).drop(columns=["error"])
+    for col in frame.columns:
+        table.add_column(col, justify="right" if col in ("mpp", "candidates", "tiles") else "left")
+    for row in frame.itertuples(index=False):
+        style = {"error": "red", "excluded": "yellow"}.get(row.status)
+        table.add_row(*["" if pd.isna(v) else str(v) for v in row], style=style)
+    console.print(table)
+
+
+def register(data_app: typer.Typer) -> None:
+    data_app.command("build")(build)

@@ -1,0 +1,1 @@
+"""Dataset root layout, data contracts, atomic writes and stable hashing."""

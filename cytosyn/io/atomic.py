@@ -1,0 +1,79 @@
+"""Writes that are never visible half-done: write to a temporary name beside the target, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it onto ``target`` on success.
+
+    On any exception the temporary file is removed and ``target`` is left as it was. If the body
+    deletes the temporary file, nothing is renamed (the target is kept as it is).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        if tmp.exists():
+            os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(target: str | Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(target: str | Path, text: str) -> None:
+    write_bytes_atomic(target, text.encode("utf-8"))
+
+
+def write_parquet_atomic(target: str | Path, table: pa.Table | pd.DataFrame, schema: pa.Schema | None = None) -> bool:
+    """Write a Parquet file byte-for-byte reproducibly (no pandas index, fixed writer options).
+
+    Returns False, leaving the file and its mtime untouched, when ``target`` already holds exactly these
+    bytes: a stage can then tell that its input did not change.
+    """
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, schema=schema, preserve_index=False)
+    elif schema is not None:
+        table = table.cast(schema)
+    table = table.replace_schema_metadata(None)
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        pq.write_table(table, tmp, compression="zstd", write_statistics=True, store_schema=False)
+        if target.exists() and filecmp.cmp(tmp, target, shallow=False):
+            tmp.unlink()
+            return False
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete temporary files left by a killed run; returns how many were removed."""
+    folder = Path(folder)
+    if not folder.exists():
+        return 0
+    removed = 0
+    for path in folder.rglob(TMP_PREFIX + "*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -1,0 +1,68 @@
+"""Reading the manifests of a dataset root. Per-slide Parquet files are read as one dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from cytosyn.io import schema
+from cytosyn.io.atomic import write_parquet_atomic
+from cytosyn.io.layout import DatasetLayout
+
+
+def read_slides(layout: DatasetLayout) -> pd.DataFrame:
+    if not layout.slides_parquet.exists():
+        raise FileNotFoundError(
+            f"{layout.slides_parquet}: no slide inventory; run `cytosyn data build` on this dataset first"
+        )
+    return pd.read_parquet(layout.slides_parquet)
+
+
+def _per_slide_files(folder: Path) -> list[str]:
+    # Sorted so that concatenation order (and thus any derived output) never depends on the file system.
+    return sorted(str(p) for p in folder.glob("*.parquet")) if folder.exists() else []
+
+
+def _read_folder(folder: Path, empty_schema: pa.Schema, columns: list[str] | None) -> pd.DataFrame:
+    files = _per_slide_files(folder)
+    if not files:
+        return empty_schema.empty_table().to_pandas() if columns is None else empty_schema.empty_table().select(columns).to_pandas()
+    table = ds.dataset(files, format="parquet").to_table(columns=columns)
+    return table.to_pandas()
+
+
+def read_candidates(layout: DatasetLayout, columns: list[str] | None = None) -> pd.DataFrame:
+    return _read_folder(layout.candidates_dir, schema.CANDIDATES, columns)
+
+
+def read_selection(layout: DatasetLayout, columns: list[str] | None = None) -> pd.DataFrame:
+    return _read_folder(layout.selection_dir, schema.SELECTION, columns)
+
+
+def read_tiles(layout: DatasetLayout, columns: list[str] | None = None) -> pd.DataFrame:
+    """All tiles of the dataset, ordered by file (slide id) then row; small and medium datasets."""
+    return _read_folder(layout.tiles_dir, schema.TILES, columns)
+
+
+def iter_tile_batches(layout: DatasetLayout, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+    """Stream the tile manifest without loading it whole (for 40M-row datasets)."""
+    files = _per_slide_files(layout.tiles_dir)
+    if not files:
+        return
+    yield from ds.dataset(files, format="parquet").to_batches(columns=columns, batch_size=batch_size)
+
+
+def write_slide_selection(layout: DatasetLayout, slide_id: str, selection: pd.DataFrame) -> bool:
+    """Write one slide's selection (SELECTION schema); returns whether it changed.
+
+    A changed selection invalidates the slide's tile manifest, so the extraction stage redoes that
+    slide (PNGs already on disk with the same tile_id are reused, not rewritten).
+    """
+    changed = write_parquet_atomic(layout.selection_path(slide_id), selection, schema.SELECTION)
+    if changed:
+        layout.tiles_path(slide_id).unlink(missing_ok=True)
+    return changed

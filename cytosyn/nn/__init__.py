@@ -1,0 +1,1 @@
+"""Shared neural-network plumbing: safe weight loading and the timm backbone factory."""

@@ -1,0 +1,94 @@
+"""Loading model weights from local files, safely.
+
+Only safetensors or `torch.load(weights_only=True)` are used: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# Prefixes that wrap a backbone's keys in common checkpoints (DDP, iBOT/DINO teacher, timm heads).
+_WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "encoder.")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded into the model; the message names the file and the first bad key."""
+
+
+def read_state_dict(path: str | Path, subkey: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a torch file (weights only).
+
+    ``subkey`` selects a nested dict such as ``"teacher"`` in iBOT/DINO checkpoints; when None and the file
+    holds one of the usual wrappers (``teacher``, ``state_dict``, ``model``) it is unwrapped automatically.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found; pass an existing .safetensors or .pth file")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is not plain weights
+            raise WeightsError(
+                f"{path}: not loadable as plain weights ({exc.__class__.__name__}); convert it to safetensors"
+            ) from None
+    if subkey is not None:
+        if subkey not in state:
+            raise WeightsError(f"{path}: no '{subkey}' entry; top-level keys are {sorted(state)[:8]}")
+        state = state[subkey]
+    else:
+        for wrapper in ("teacher", "state_dict", "model"):
+            if wrapper in state and isinstance(state[wrapper], dict):
+                state = state[wrapper]
+                break
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path}: holds no tensors")
+    return tensors
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``module.``, ``backbone.`` …) that every key shares."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def load_weights_into(
+    model: torch.nn.Module,
+    path: str | Path,
+    subkey: str | None = None,
+    ignore_prefixes: tuple[str, ...] = ("head.", "fc_norm."),
+) -> None:
+    """Load ``path`` into ``model`` strictly, naming the first missing, unexpected or mis-shaped key.
+
+    Keys under ``ignore_prefixes`` (classification heads a feature extractor never uses) may be absent
+    or extra.
+    """
+    state = strip_prefixes(read_state_dict(path, subkey))
+    expected = model.state_dict()
+
+    def relevant(key: str) -> bool:
+        return not key.startswith(ignore_prefixes)
+
+    for key in sorted(expected):
+        if relevant(key) and key not in state:
+            raise WeightsError(f"{path}: missing key '{key}' (model expects shape {tuple(expected[key].shape)})")
+    for key in sorted(state):
+        if relevant(key) and key not in expected:
+            raise WeightsError(f"{path}: unexpected key '{key}' with shape {tuple(state[key].shape)}; wrong architecture?")
+    for key in sorted(state):
+        if key in expected and state[key].shape != expected[key].shape:
+            raise WeightsError(
+                f"{path}: key '{key}' has shape {tuple(state[key].shape)} but the model expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)

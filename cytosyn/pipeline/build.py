@@ -1,0 +1,136 @@
+"""`build_dataset`: inventory → scan (tissue, candidates) → selection → extraction → reports.
+
+Every stage is resumable and its outputs are pure functions of (slides, config, seed): rerunning a
+finished or killed build rewrites nothing that is already right.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from cytosyn.config import ConfigError, PipelineConfig, dump_config
+from cytosyn.io import schema
+from cytosyn.io.atomic import remove_stale_temporaries, write_parquet_atomic, write_text_atomic
+from cytosyn.io.layout import DatasetLayout
+from cytosyn.io.manifests import write_slide_selection
+from cytosyn.parallel import map_unordered
+from cytosyn.pipeline.inventory import take_inventory
+from cytosyn.pipeline.report import write_build_report
+from cytosyn.pipeline.slide_stages import SlideJob, extract_slide, relative_to_root, scan_slide
+from cytosyn.tiling.grid import sample_cells
+
+# Columns the build tracks per slide but does not publish in slides.parquet.
+BUILD_ONLY_COLUMNS = ("n_candidates", "n_tiles", "mpp")
+# Settings that change how a build runs, never what it produces.
+RUNTIME_ONLY = ("workers", "dask_address")
+
+
+@dataclass
+class BuildResult:
+    root: Path
+    slides: pd.DataFrame  # slides.parquet plus n_candidates / n_tiles
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _check_provenance(layout: DatasetLayout, cfg: PipelineConfig) -> None:
+    """A dataset root belongs to one config; mixing two would silently corrupt it."""
+    text = dump_config(cfg.model_copy(update={k: None if k == "dask_address" else 1 for k in RUNTIME_ONLY}))
+    if layout.pipeline_yaml.exists() and layout.pipeline_yaml.read_text() != text:
+        raise ConfigError(
+            f"{layout.pipeline_yaml}: this dataset was built with a different config; "
+            "build into a new --out folder, or delete the old dataset to rebuild it"
+        )
+    write_text_atomic(layout.pipeline_yaml, text)
+
+
+def _jobs(layout: DatasetLayout, inventory: pd.DataFrame, cfg: PipelineConfig) -> list[SlideJob]:
+    ok = inventory[inventory["status"] == "ok"]
+    mpps = ok["mpp"] if "mpp" in ok else pd.Series([None] * len(ok), index=ok.index)
+    return [
+        SlideJob(
+            slide_id=r.slide_id, path=str(Path(r.path).resolve()), project=r.project or "generic",
+            root=str(layout.root), cfg=cfg, mpp=None if m is None or (isinstance(m, float) and math.isnan(m)) else float(m),
+        )
+        for r, m in zip(ok.itertuples(index=False), mpps)
+    ]
+
+
+def _merge(slides: pd.DataFrame, results: list[dict]) -> pd.DataFrame:
+    """Overwrite the slide table's columns with per-slide results (status, error, metadata, counts)."""
+    if not results:
+        return slides
+    res = pd.DataFrame(results).set_index("slide_id")
+    out = slides.set_index("slide_id")
+    for col in res.columns:
+        if col not in out:
+            out[col] = pd.NA
+        out[col] = out[col].astype(object)
+        out.loc[res.index, col] = res[col].astype(object)
+    return out.reset_index()
+
+
+def select_per_slide(layout: DatasetLayout, slides: pd.DataFrame, cfg: PipelineConfig) -> int:
+    """Default selection: up to ``tiling.max_tiles_per_slide`` candidates per slide, all for training."""
+    total = 0
+    for slide_id in slides.loc[slides["status"] == "ok", "slide_id"]:
+        cands = pd.read_parquet(layout.candidates_path(slide_id))
+        picked = sample_cells(cands, cfg.tiling.max_tiles_per_slide, cfg.seed, slide_id)
+        picked["split"] = "train"
+        write_slide_selection(layout, slide_id, picked)
+        total += len(picked)
+    return total
+
+
+def write_slides_manifest(layout: DatasetLayout, slides: pd.DataFrame) -> None:
+    """slides.parquet: the SLIDES contract columns (typed), then any columns later stages added."""
+    frame = slides.sort_values("slide_id", kind="stable").reset_index(drop=True)
+    frame["path"] = [relative_to_root(p, str(layout.root)) for p in frame["path"]]
+    for col in ("width", "height"):
+        frame[col] = pd.to_numeric(frame.get(col), errors="coerce").astype("Int64")
+    for col in ("mpp_x", "mpp_y"):
+        frame[col] = pd.to_numeric(frame.get(col), errors="coerce").astype("float64")
+    for col in schema.SLIDES.names:
+        if col not in frame:
+            frame[col] = None
+    table = pa.Table.from_pandas(frame[schema.SLIDES.names], schema=schema.SLIDES, preserve_index=False)
+    for col in frame.columns:
+        if col not in schema.SLIDES.names and col not in BUILD_ONLY_COLUMNS:
+            table = table.append_column(col, pa.array(frame[col].tolist()))
+    write_parquet_atomic(layout.slides_parquet, table)
+
+
+def build_dataset(cfg: PipelineConfig, out: str | Path) -> BuildResult:
+    layout = DatasetLayout(Path(out).resolve())
+    layout.root.mkdir(parents=True, exist_ok=True)
+    _check_provenance(layout, cfg)
+    remove_stale_temporaries(layout.root)
+
+    slides = take_inventory(cfg, layout)
+    jobs = _jobs(layout, slides, cfg)
+    run = dict(workers=cfg.workers, dask_address=cfg.dask_address)
+
+    scans = list(map_unordered(scan_slide, jobs, desc="tissue + candidates", **run))
+    slides = _merge(slides, scans)
+    write_slides_manifest(layout, slides)
+
+    select_per_slide(layout, slides, cfg)
+
+    ok_ids = set(slides.loc[slides["status"] == "ok", "slide_id"])
+    extractions = list(map_unordered(extract_slide, [j for j in jobs if j.slide_id in ok_ids], desc="tiles", **run))
+    slides = _merge(slides, extractions)
+    write_slides_manifest(layout, slides)
+
+    slides = slides.sort_values("slide_id", kind="stable").reset_index(drop=True)
+    errors = [e for e in slides.loc[slides["status"] == "error", "error"].tolist() if e]
+    result = BuildResult(layout.root, slides, errors)
+    write_build_report(layout, cfg, result.slides)
+    return result

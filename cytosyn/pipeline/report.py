@@ -1,0 +1,111 @@
+"""The build report: reports/build.md, a tiles-per-project plot and a contact sheet of QC thumbnails."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from cytosyn.config import PipelineConfig
+from cytosyn.io.atomic import write_bytes_atomic, write_text_atomic
+from cytosyn.io.layout import DatasetLayout
+
+CONTACT_CELL_PX = 320
+CONTACT_COLUMNS = 4
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def summary_frame(slides: pd.DataFrame) -> pd.DataFrame:
+    """Per-slide summary rows shown on the console and in the report."""
+    frame = pd.DataFrame(
+        {
+            "slide_id": slides["slide_id"],
+            "project": slides["project"],
+            "status": slides["status"],
+            "mpp": pd.to_numeric(slides.get("mpp_x"), errors="coerce").round(4),
+            "mpp source": slides.get("mpp_source"),
+            "candidates": pd.to_numeric(slides.get("n_candidates"), errors="coerce").astype("Int64"),
+            "tiles": pd.to_numeric(slides.get("n_tiles"), errors="coerce").astype("Int64"),
+            "error": slides["error"],
+        }
+    )
+    return frame
+
+
+def _tiles_per_project_png(slides: pd.DataFrame) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = pd.to_numeric(slides.get("n_tiles"), errors="coerce").fillna(0).groupby(slides["project"].fillna("?")).sum().sort_index()
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    ax.bar(counts.index.astype(str), counts.values, color="#a0446e")
+    ax.set_ylabel("tiles")
+    ax.set_title("Tiles per project")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    # Fixed metadata keeps the PNG byte-identical across reruns.
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _contact_sheet(layout: DatasetLayout, slide_ids: list[str]) -> bytes | None:
+    cells = []
+    for slide_id in slide_ids:
+        img = cv2.imread(str(layout.qc_path(slide_id)))
+        if img is None:
+            continue
+        scale = CONTACT_CELL_PX / max(img.shape[:2])
+        img = cv2.resize(img, (max(1, int(img.shape[1] * scale)), max(1, int(img.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+        cell = np.full((CONTACT_CELL_PX + 18, CONTACT_CELL_PX, 3), 255, np.uint8)
+        cell[18 : 18 + img.shape[0], : img.shape[1]] = img
+        cv2.putText(cell, slide_id[:40], (2, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+        cells.append(cell)
+    if not cells:
+        return None
+    while len(cells) % CONTACT_COLUMNS:
+        cells.append(np.full_like(cells[0], 255))
+    rows = [np.hstack(cells[i : i + CONTACT_COLUMNS]) for i in range(0, len(cells), CONTACT_COLUMNS)]
+    ok, buf = cv2.imencode(".jpg", np.vstack(rows), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return buf.tobytes() if ok else None
+
+
+def write_build_report(layout: DatasetLayout, cfg: PipelineConfig, slides: pd.DataFrame) -> None:
+    summary = summary_frame(slides)
+    n_ok = int((slides["status"] == "ok").sum())
+    n_err = int((slides["status"] == "error").sum())
+    n_excl = int((slides["status"] == "excluded").sum())
+    tiles = int(pd.to_numeric(slides.get("n_tiles"), errors="coerce").fillna(0).sum())
+    parts = [
+        f"# Build report: {cfg.name}",
+        "",
+        f"- slides: {len(slides)} ({n_ok} ok, {n_err} error, {n_excl} excluded)",
+        f"- tiles: {tiles} at {cfg.tiling.size_px} px, {cfg.tiling.mpp} µm/px (lossless PNG)",
+        f"- seed: {cfg.seed}",
+        "",
+        "![tiles per project](tiles_per_project.png)",
+        "",
+        "![QC thumbnails](qc_overview.jpg)",
+        "",
+        "## Slides",
+        "",
+        _markdown_table(summary),
+        "",
+    ]
+    layout.reports_dir.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(layout.reports_dir / "tiles_per_project.png", _tiles_per_project_png(slides))
+    sheet = _contact_sheet(layout, slides.loc[slides["status"] == "ok", "slide_id"].tolist())
+    if sheet is not None:
+        write_bytes_atomic(layout.reports_dir / "qc_overview.jpg", sheet)
+    write_text_atomic(layout.reports_dir / "build.md", "\n".join(parts))

@@ -1,0 +1,1 @@
+"""Candidate grids, per-slide sampling, lossless tile extraction and QC thumbnails."""

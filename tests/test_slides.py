@@ -1,0 +1,97 @@
+"""open_slide and reads at an exact MPP, on the real Aperio slide and on the shared bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import shared_file
+from cytosyn.slides import SlideError, open_slide
+from cytosyn.slides.mpp import resolve_mpp
+
+
+def test_cmu_metadata_in_both_backends(cmu_slide):
+    for backend in ("openslide", "tiffslide"):
+        with open_slide(cmu_slide, backend=backend) as s:
+            assert s.backend == backend
+            assert s.vendor == "aperio"
+            assert s.dimensions == (2220, 2967)
+            assert s.mpp_x == pytest.approx(0.499)
+            assert s.mpp.source == f"{backend}-property"
+            assert s.objective_power == 20
+
+
+def test_tile_is_exact_size_and_footprint(cmu_slide):
+    with open_slide(cmu_slide) as s:
+        fp = s.footprint(224, 0.5)
+        assert abs(fp.read_size_level0 - 224 * 0.5 / 0.499) <= 1
+        tile = s.read_region_at_mpp(500, 700, 224, 0.5)
+        assert tile.shape == (224, 224, 3) and tile.dtype == np.uint8
+
+
+def test_backends_return_the_same_pixels(cmu_slide):
+    with open_slide(cmu_slide, backend="openslide") as a, open_slide(cmu_slide, backend="tiffslide") as b:
+        diffs = [
+            np.abs(a.read_region_at_mpp(x, y, 224, 0.5).astype(int) - b.read_region_at_mpp(x, y, 224, 0.5).astype(int))
+            for x, y in [(0, 0), (600, 900), (1500, 2000)]
+        ]
+    # Measured: both decode the same JPEG tiles with libjpeg-turbo; mean |Δ| 0.0, max 0 on this slide.
+    # The bound leaves room for a different IDCT in another libjpeg build.
+    assert max(d.mean() for d in diffs) < 1.0
+    assert max(d.max() for d in diffs) <= 8
+
+
+def test_override_wins_and_is_never_rounded(cmu_slide):
+    with open_slide(cmu_slide, mpp=0.2527) as s:
+        assert s.mpp.source == "override" and s.mpp_x == 0.2527
+        fp = s.footprint(224, 0.5)
+        assert fp.read_level == 0 and abs(fp.size_level0_x - 224 * 0.5 / 0.2527) < 1e-9
+        assert fp.read_size_level0 == 443
+
+
+def test_missing_mpp_says_how_to_give_one():
+    path = shared_file("slides/boxes.tiff")
+    with pytest.raises(SlideError) as err:
+        open_slide(path)
+    msg = str(err.value)
+    assert str(path) in msg and "--mpp" in msg and "mpp` column" in msg and "\n" not in msg
+    with open_slide(path, mpp=0.5) as s:
+        assert s.mpp.source == "override"
+
+
+@pytest.mark.parametrize("name", ["unreadable.svs", "unopenable.tiff"])
+def test_broken_slides_fail_with_one_line_naming_the_file(name):
+    path = shared_file(f"slides/{name}")
+    with pytest.raises(SlideError) as err:
+        open_slide(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_text_file_named_svs_fails_cleanly(tmp_path):
+    fake = tmp_path / "TCGA-A1-A0SB-01Z-00-DX1.svs"
+    fake.write_text("this is not a slide\n")
+    with pytest.raises(SlideError, match="cannot be opened"):
+        open_slide(fake)
+
+
+def test_dicom_opens_with_openslide():
+    path = shared_file("slides/boxes_0.dcm")
+    with open_slide(path) as s:
+        assert s.backend == "openslide" and s.vendor == "dicom"
+
+
+def test_mpp_resolution_order():
+    props = {"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25", "aperio.MPP": "0.3", "tiff.XResolution": "40000", "tiff.ResolutionUnit": "centimeter"}
+    assert resolve_mpp(props).source == "openslide-property"
+    del props["openslide.mpp-x"]
+    assert resolve_mpp(props).source == "aperio-mpp"
+    del props["aperio.MPP"]
+    mpp = resolve_mpp(props)
+    assert mpp.source == "tiff-resolution" and mpp.x == pytest.approx(0.25)
+    # 72 dpi is a placeholder, not a microscope: it must not be taken as an MPP.
+    with pytest.raises(ValueError, match="no MPP"):
+        resolve_mpp({"tiff.XResolution": "72", "tiff.ResolutionUnit": "inch"})
+    with pytest.raises(ValueError, match="objective power 40x"):
+        resolve_mpp({"aperio.AppMag": "40"})
+    fallback = resolve_mpp({"aperio.AppMag": "40"}, objective_power_fallback=True)
+    assert fallback.source == "objective-power" and fallback.x == pytest.approx(0.25)

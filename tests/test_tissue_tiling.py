@@ -1,0 +1,73 @@
+"""Tissue masks, the candidate grid and per-slide sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cytosyn.config import TissueConfig
+from cytosyn.slides import open_slide
+from cytosyn.tiling.grid import grid_origins, sample_cells
+from cytosyn.tissue import cell_tissue_fractions, pen_mark_mask, tissue_mask
+
+
+def _pink_blob(h=200, w=300):
+    rgb = np.full((h, w, 3), 242, np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    blob = (yy - h / 2) ** 2 / (h / 3) ** 2 + (xx - w / 2) ** 2 / (w / 3) ** 2 < 1
+    rgb[blob] = (215, 120, 170)  # eosin pink
+    return rgb, blob
+
+
+def test_mask_finds_tissue_and_drops_pen_ink():
+    rgb, blob = _pink_blob()
+    mask = tissue_mask(rgb, 8.0, TissueConfig())
+    assert (mask == blob).mean() > 0.98
+    rgb[90:110, 40:260] = (20, 160, 40)  # green marker stroke across the tissue
+    assert pen_mark_mask(rgb)[100, 150]
+    inked = tissue_mask(rgb, 8.0, TissueConfig())
+    assert not inked[95:105, 60:240].any()
+    assert not pen_mark_mask(_pink_blob()[0]).any()
+
+
+def test_glass_only_gives_empty_mask():
+    rng = np.random.default_rng(0)
+    glass = np.clip(240 + rng.normal(0, 3, (120, 160, 3)), 0, 255).astype(np.uint8)
+    assert not tissue_mask(glass, 8.0, TissueConfig()).any()
+
+
+def test_real_slide_mask_is_plausible(cmu_slide):
+    with open_slide(cmu_slide) as s:
+        rgb = s.read_at_mpp(8.0)
+    assert rgb.shape[:2] == (int(np.ceil(2967 * 0.499 / 8)), int(np.ceil(2220 * 0.499 / 8)))
+    mask = tissue_mask(rgb, 8.0, TissueConfig())
+    # CMU-1-Small-Region is a strip of skin over glass: about a third is tissue.
+    assert 0.2 < mask.mean() < 0.6
+
+
+def test_grid_cells_are_whole_and_do_not_overlap():
+    footprint = 224 * 0.5 / 0.2527
+    xs = grid_origins(10_000, footprint)
+    assert len(xs) == int(10_000 // footprint)
+    assert xs[0] == 0 and np.all(np.diff(xs) >= int(footprint)) and xs[-1] + footprint <= 10_000
+    # No cumulative drift: the last cell starts where the exact float grid says.
+    assert abs(xs[-1] - (len(xs) - 1) * footprint) <= 0.5
+
+
+def test_cell_fractions_are_exact_on_a_known_mask():
+    mask = np.zeros((10, 10), bool)
+    mask[:, :5] = True
+    frac = cell_tissue_fractions(mask, 0.1, 0.1, np.array([0, 30, 50]), np.array([0, 0, 0]), 20, 20)
+    np.testing.assert_allclose(frac, [1.0, 1.0, 0.0])
+    assert cell_tissue_fractions(mask, 0.1, 0.1, np.array([40]), np.array([0]), 20, 20)[0] == 0.5
+
+
+def test_sampling_is_deterministic_per_slide_and_ordered():
+    cands = pd.DataFrame({"tile_id": [f"t{i}" for i in range(100)], "x": np.arange(100), "y": 0})
+    a = sample_cells(cands, 10, seed=3, slide_id="S1")
+    b = sample_cells(cands.copy(), 10, seed=3, slide_id="S1")
+    c = sample_cells(cands, 10, seed=3, slide_id="S2")
+    pd.testing.assert_frame_equal(a, b)
+    assert list(a.tile_id) != list(c.tile_id)
+    assert list(a.x) == sorted(a.x)
+    assert len(sample_cells(cands, 500, 3, "S1")) == 100
