@@ -32,36 +32,32 @@ def build(
     dask_address: Annotated[Optional[str], typer.Option(help="address of an existing Dask scheduler")] = None,
 ) -> None:
     """Build a dataset: slides → tissue → candidates → selection → lossless PNG tiles → reports."""
-    try:
-        cfg = load_config(pipeline or demo_config_path())
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     overrides: dict = {}
     if workers is not None:
         overrides["workers"] = workers
     if dask_address is not None:
         overrides["dask_address"] = dask_address
-    slide_updates: dict = {}
     if slides is not None:
-        slide_updates.update(source="folder", folder=slides.resolve())
+        overrides.setdefault("slides", {}).update(source="folder", folder=str(slides.resolve()))
     if mpp is not None:
-        slide_updates["mpp"] = mpp
-    if slide_updates:
-        overrides["slides"] = cfg.slides.model_copy(update=slide_updates)
-    cfg = cfg.model_copy(update=overrides)
+        overrides.setdefault("slides", {})["mpp"] = mpp
+    try:
+        cfg = load_config(pipeline or demo_config_path(), overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     root = out or (DEMO_OUT if pipeline is None else Path(cfg.name))
     try:
         result = build_dataset(cfg, root)
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     _print_summary(result.slides)
     console.print(f"dataset: {result.root}  (report: {result.root / 'reports' / 'build.md'})")
     if result.errors:
-        console.print(f"[red]{len(result.errors)} slide(s) failed:[/red]")
+        typer.echo(f"{len(result.errors)} slide(s) failed:", err=True)
         for err in result.errors:
-            console.print(f"  {err}", markup=False, highlight=False)
+            typer.echo(f"  {err}", err=True)
         raise typer.Exit(1)
 
 

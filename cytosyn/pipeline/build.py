@@ -44,12 +44,13 @@ class BuildResult:
 def _check_provenance(layout: DatasetLayout, cfg: PipelineConfig) -> None:
     """A dataset root belongs to one config; mixing two would silently corrupt it."""
     text = dump_config(cfg.model_copy(update={k: None if k == "dask_address" else 1 for k in RUNTIME_ONLY}))
-    if layout.pipeline_yaml.exists() and layout.pipeline_yaml.read_text() != text:
+    if not layout.pipeline_yaml.exists():
+        write_text_atomic(layout.pipeline_yaml, text)
+    elif layout.pipeline_yaml.read_text() != text:
         raise ConfigError(
             f"{layout.pipeline_yaml}: this dataset was built with a different config; "
             "build into a new --out folder, or delete the old dataset to rebuild it"
         )
-    write_text_atomic(layout.pipeline_yaml, text)
 
 
 def _jobs(layout: DatasetLayout, inventory: pd.DataFrame, cfg: PipelineConfig) -> list[SlideJob]:
@@ -85,6 +86,7 @@ def select_per_slide(layout: DatasetLayout, slides: pd.DataFrame, cfg: PipelineC
         cands = pd.read_parquet(layout.candidates_path(slide_id))
         picked = sample_cells(cands, cfg.tiling.max_tiles_per_slide, cfg.seed, slide_id)
         picked["split"] = "train"
+        picked["guidance"] = False
         write_slide_selection(layout, slide_id, picked)
         total += len(picked)
     return total

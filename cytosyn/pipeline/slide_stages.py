@@ -43,9 +43,9 @@ def _open(job: SlideJob) -> Slide:
     return open_slide(job.path, backend=s.backend, mpp=s.mpp or job.mpp, objective_power_fallback=s.objective_power_fallback)
 
 
-def _mask_scale(slide: Slide, mask_mpp: float) -> tuple[float, float]:
-    """Level-0 pixels → mask pixels."""
-    return slide.mpp_x / mask_mpp, slide.mpp_y / mask_mpp
+def _level0_to(slide: Slide, mpp: float) -> tuple[float, float]:
+    """Scale from level-0 pixels to pixels of an image of the slide at ``mpp``."""
+    return slide.mpp_x / mpp, slide.mpp_y / mpp
 
 
 def _error_message(job: SlideJob, exc: BaseException) -> str:
@@ -74,7 +74,7 @@ def scan_slide(job: SlideJob) -> dict:
             fp = slide.footprint(tiling.size_px, tiling.mpp)
             cands = candidate_cells(
                 job.slide_id, w, h, fp, tiling.size_px, tiling.mpp, mask,
-                _mask_scale(slide, tissue.mask_mpp), tiling.min_tissue_fraction,
+                _level0_to(slide, tissue.mask_mpp), tiling.min_tissue_fraction,
             )
             write_parquet_atomic(cand_path, cands, schema.CANDIDATES)
             row["n_candidates"] = len(cands)
@@ -94,13 +94,16 @@ def extract_slide(job: SlideJob) -> dict:
         return result
     try:
         selection = pd.read_parquet(layout.selection_path(job.slide_id))
-        tiling, mask_mpp = job.cfg.tiling, job.cfg.tissue.mask_mpp
+        tiling = job.cfg.tiling
         with _open(job) as slide:
             tiles = extract_tiles(slide, selection, layout, job.project, tiling.png_compression)
             mask = cv2.imread(str(layout.mask_path(job.slide_id)), cv2.IMREAD_GRAYSCALE) > 0
             fp = slide.footprint(tiling.size_px, tiling.mpp)
+            # The thumbnail is drawn finer than the mask so that single tiles stay visible.
+            w, h = slide.dimensions
+            qc_mpp = max(slide.mpp_x, max(w * slide.mpp_x, h * slide.mpp_y) / tiling.qc_thumbnail_px)
             jpeg = qc_thumbnail(
-                slide.read_at_mpp(mask_mpp), mask, tiles, _mask_scale(slide, mask_mpp),
+                slide.read_at_mpp(qc_mpp), mask, tiles, _level0_to(slide, qc_mpp),
                 (fp.size_level0_x, fp.size_level0_y), tiling.qc_thumbnail_px,
             )
         write_bytes_atomic(layout.qc_path(job.slide_id), jpeg)

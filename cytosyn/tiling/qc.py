@@ -15,18 +15,21 @@ def qc_thumbnail(
     rgb: np.ndarray,
     mask: np.ndarray,
     tiles: pd.DataFrame,
-    mask_scale: tuple[float, float],
+    level0_scale: tuple[float, float],
     footprint_level0: tuple[float, float],
     max_px: int = 1024,
 ) -> bytes:
-    """JPEG bytes of the thumbnail with mask outline and tile boxes drawn."""
+    """JPEG bytes of the thumbnail with mask outline and tile boxes drawn.
+
+    ``level0_scale`` maps level-0 pixels to pixels of ``rgb``; the mask may be at any resolution.
+    """
     scale = min(1.0, max_px / max(rgb.shape[:2]))
     size = (max(1, int(round(rgb.shape[1] * scale))), max(1, int(round(rgb.shape[0] * scale))))
     canvas = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), size, interpolation=cv2.INTER_AREA)
     small_mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(small_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(canvas, contours, -1, OUTLINE, 1)
-    sx, sy = mask_scale[0] * scale, mask_scale[1] * scale
+    cv2.drawContours(canvas, contours, -1, OUTLINE, 2)
+    sx, sy = level0_scale[0] * scale, level0_scale[1] * scale
     for row in tiles.itertuples(index=False):
         colour = SPLIT_COLOURS.get(getattr(row, "split", "train"), (0, 0, 0))
         x0, y0 = int(row.x * sx), int(row.y * sy)

@@ -1,0 +1,3 @@
+from cytosyn.cli.main import app
+
+app(prog_name="cytosyn")
