@@ -95,3 +95,11 @@ def test_mpp_resolution_order():
         resolve_mpp({"aperio.AppMag": "40"})
     fallback = resolve_mpp({"aperio.AppMag": "40"}, objective_power_fallback=True)
     assert fallback.source == "objective-power" and fallback.x == pytest.approx(0.25)
+
+
+def test_alpha_is_composited_on_white():
+    from cytosyn.slides.reader import composite_on_white
+
+    rgba = np.array([[[10, 20, 30, 255], [10, 20, 30, 0], [0, 100, 200, 128]]], np.uint8)
+    out = composite_on_white(rgba)
+    assert out.tolist() == [[[10, 20, 30], [255, 255, 255], [127, 177, 227]]]

@@ -12,7 +12,7 @@ from cytosyn.io import schema
 from cytosyn.io.atomic import write_bytes_atomic
 from cytosyn.io.hashing import sha256_bytes
 from cytosyn.io.layout import DatasetLayout
-from cytosyn.slides.reader import Slide
+from cytosyn.slides.reader import Footprint, Slide
 
 
 def encode_png(rgb: np.ndarray, compression: int = 1) -> bytes:
@@ -37,13 +37,17 @@ def extract_tiles(
     bytes back for the checksum: resuming a killed build writes nothing twice.
     """
     image_paths, checksums = [], []
+    footprints: dict[tuple[int, float], Footprint] = {}
     for row in selection.itertuples(index=False):
         rel = layout.tile_image_relpath(project, row.slide_id, row.tile_id)
         target = layout.resolve(rel)
         if target.exists():
             data = target.read_bytes()
         else:
-            rgb = slide.read_region_at_mpp(int(row.x), int(row.y), int(row.size_px), float(row.mpp))
+            key = (int(row.size_px), float(row.mpp))
+            if key not in footprints:
+                footprints[key] = slide.footprint(*key)
+            rgb = slide.read_region_at_mpp(int(row.x), int(row.y), *key, footprint=footprints[key])
             data = encode_png(rgb, png_compression)
             write_bytes_atomic(target, data)
         image_paths.append(rel)
