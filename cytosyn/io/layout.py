@@ -101,3 +101,44 @@ class DatasetLayout:
 
     def resolve(self, relpath: str) -> Path:
         return self.root / relpath
+
+    # --- cohort stage (docs/cohort.md)
+    @property
+    def cohort_report_json(self) -> Path:
+        return self.reports_dir / "cohort.json"
+
+    @property
+    def cohort_report_md(self) -> Path:
+        return self.reports_dir / "cohort.md"
+
+    def variants_dir(self, variant: str) -> Path:
+        return self.root / "variants" / variant
+
+    def variant_tiles_path(self, variant: str, slide_id: str) -> Path:
+        return self.variants_dir(variant) / "tiles" / f"{slide_id}.parquet"
+
+    def variant_image_relpath(self, variant: str, project: str, slide_id: str, tile_id: str, ext: str) -> str:
+        return f"variants/{variant}/images/{project}/{slide_id}/{tile_id}.{ext}"
+
+    # --- features and shards (docs/features.md, docs/shards.md)
+    def features_cls_path(self, extractor: str) -> Path:
+        return self.features_dir(extractor) / "cls.parquet"
+
+    def features_tokens_path(self, extractor: str) -> Path:
+        return self.features_dir(extractor) / "tokens.zarr"
+
+    def features_index_path(self, extractor: str) -> Path:
+        return self.features_dir(extractor) / "tokens.index.parquet"
+
+    def features_cls_npy_path(self, extractor: str) -> Path:
+        """The CLS matrix again, float32 (N, D) in token row order: random access by row (the shard writer)."""
+        return self.features_dir(extractor) / "cls.npy"
+
+    def shard_path(self, split: str, shard: int) -> Path:
+        return self.shards_dir(split) / f"shard-{shard:05d}.parquet"
+
+    def shards_index_path(self, split: str) -> Path:
+        return self.shards_dir(split) / "index.parquet"
+
+    def shards_manifest_path(self, split: str) -> Path:
+        return self.shards_dir(split) / "shards.json"

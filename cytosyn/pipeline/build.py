@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from cytosyn.cohort.selection import write_cohort_selection
 from cytosyn.config import ConfigError, PipelineConfig, dump_config
 from cytosyn.io import schema
 from cytosyn.io.atomic import remove_stale_temporaries, write_parquet_atomic, write_text_atomic
@@ -96,13 +97,13 @@ def write_slides_manifest(layout: DatasetLayout, slides: pd.DataFrame) -> None:
     """slides.parquet: the SLIDES contract columns (typed), then any columns later stages added."""
     frame = slides.sort_values("slide_id", kind="stable").reset_index(drop=True)
     frame["path"] = [relative_to_root(p, str(layout.root)) for p in frame["path"]]
-    for col in ("width", "height"):
-        frame[col] = pd.to_numeric(frame.get(col), errors="coerce").astype("Int64")
-    for col in ("mpp_x", "mpp_y"):
-        frame[col] = pd.to_numeric(frame.get(col), errors="coerce").astype("float64")
     for col in schema.SLIDES.names:
         if col not in frame:
             frame[col] = None
+    for col in ("width", "height"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
+    for col in ("mpp_x", "mpp_y"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
     table = pa.Table.from_pandas(frame[schema.SLIDES.names], schema=schema.SLIDES, preserve_index=False)
     for col in frame.columns:
         if col not in schema.SLIDES.names and col not in BUILD_ONLY_COLUMNS:
@@ -124,7 +125,13 @@ def build_dataset(cfg: PipelineConfig, out: str | Path) -> BuildResult:
     slides = _merge(slides, scans)
     write_slides_manifest(layout, slides)
 
-    select_per_slide(layout, slides, cfg)
+    if cfg.cohort is None:
+        select_per_slide(layout, slides, cfg)
+    else:
+        write_cohort_selection(layout, cfg)
+        # The cohort stage adds the slide-level split to slides.parquet; carry it forward.
+        splits = pd.read_parquet(layout.slides_parquet, columns=["slide_id", "split"])
+        slides = slides.drop(columns=["split"], errors="ignore").merge(splits, on="slide_id", how="left")
 
     ok_ids = set(slides.loc[slides["status"] == "ok", "slide_id"])
     extractions = list(map_unordered(extract_slide, [j for j in jobs if j.slide_id in ok_ids], desc="tiles", **run))

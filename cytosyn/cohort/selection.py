@@ -1,0 +1,349 @@
+"""TSS-stratified, budgeted tile selection and the tile-level splits (paper §3.2, §4.1).
+
+Two phases keep 40M-tile selections fast and small in memory:
+
+1. ``plan_selection`` works on per-slide COUNTS only (one row per slide, vectorised numpy): each
+   split's total is apportioned to strata — (project, tissue source site) pairs — in proportion to
+   their share of the split's slides, then evenly across each stratum's slides, capped by what a
+   slide can supply; whatever a slide or stratum cannot supply is redistributed (``apportion``).
+2. ``draw_cells`` then materialises one slide at a time: a permutation of the slide's candidate
+   cells (sorted by y, x) from its own generator is cut into consecutive segments, so the splits of a
+   slide can never share a cell.
+
+On a training slide the segments are ``val_in | train`` and the first ``n_guidance`` train cells are
+flagged ``guidance``; on a val_out slide the only segment is ``val_out``. ``val_in`` is planned
+before the training budget (each slide keeps at least one cell for training), so a budget that
+asks for every candidate still leaves val_in cells, and changing the budget never moves val_in. In
+an external cohort the segments are ``guidance | val_out`` (the conditioning and reference sets),
+drawn in proportion to each slide's candidate count, i.e. uniformly over all candidate cells.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cytosyn.cohort.splits import GUIDANCE, TRAIN, VAL_IN, VAL_OUT, SlideSplitReport, assign_slide_splits, rounding_floor_tvd
+from cytosyn.cohort.stratify import apportion, tvd
+from cytosyn.config import CohortConfig, ConfigError, PipelineConfig
+from cytosyn.io import schema
+from cytosyn.io.atomic import write_parquet_atomic, write_text_atomic
+from cytosyn.io.hashing import slide_rng, stable_hash
+from cytosyn.io.layout import DatasetLayout
+from cytosyn.io.manifests import read_slides, write_slide_selection
+from cytosyn.parallel import map_unordered
+
+COUNT_COLUMNS = {VAL_IN: "n_val_in", TRAIN: "n_train", VAL_OUT: "n_val_out", GUIDANCE: "n_guidance"}
+SPLIT_ORDER = (VAL_IN, TRAIN, VAL_OUT, GUIDANCE)
+PLAN_COLUMNS = ["slide_id", "tss_code", "project", "split", "capacity", *COUNT_COLUMNS.values()]
+
+
+def _selection_seed(seed: int) -> int:
+    # The tiling stage may draw from slide_rng(seed, slide_id) too; a salted seed keeps the cohort's
+    # draws independent of it.
+    return stable_hash("cohort-selection", seed)
+
+
+def _two_level(total: int, strata: np.ndarray, caps: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Apportion ``total`` to strata by their slide counts, then evenly within each stratum."""
+    out = np.zeros(len(caps), dtype=np.int64)
+    if len(caps) == 0:
+        return out
+    codes, inverse = np.unique(strata, return_inverse=True)
+    slides_per = np.bincount(inverse, minlength=len(codes))
+    caps_per = np.bincount(inverse, weights=caps, minlength=len(codes)).astype(np.int64)
+    stratum_key = np.array([stable_hash("stratum", c) for c in codes], dtype=np.int64)
+    quota = apportion(total, slides_per, caps_per, stratum_key)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.concatenate(([0], np.cumsum(slides_per)))
+    for s in np.flatnonzero(quota):
+        idx = order[bounds[s] : bounds[s + 1]]
+        out[idx] = apportion(int(quota[s]), np.ones(idx.size), caps[idx], tiebreak[idx])
+    return out
+
+
+def plan_selection(slides: pd.DataFrame, cohort: CohortConfig, seed: int) -> pd.DataFrame:
+    """Per-slide tile counts of every split.
+
+    ``slides`` has one row per usable slide: slide_id, tss_code, project, split (slide level) and
+    capacity (its number of candidate cells). Returns PLAN_COLUMNS sorted by slide_id.
+    """
+    p = slides[["slide_id", "tss_code", "project", "split", "capacity"]].sort_values("slide_id", kind="stable")
+    p = p.reset_index(drop=True)
+    cap = p["capacity"].to_numpy(dtype=np.int64)
+    strata = (p["project"].astype(str) + "/" + p["tss_code"].astype(str)).to_numpy()
+    tiebreak = np.array([stable_hash(seed, "tiles", s) for s in p["slide_id"]], dtype=np.int64)
+    counts = {col: np.zeros(len(p), dtype=np.int64) for col in COUNT_COLUMNS.values()}
+    if cohort.kind == "external":
+        counts["n_guidance"] = apportion(cohort.conditioning_tiles, cap, cap, tiebreak)
+        counts["n_val_out"] = apportion(cohort.reference_tiles, cap, cap - counts["n_guidance"], tiebreak)
+    else:
+        tr = np.flatnonzero(p["split"].to_numpy() == TRAIN)
+        out = np.flatnonzero(p["split"].to_numpy() == VAL_OUT)
+        vin = _two_level(cohort.val_in_tiles, strata[tr], np.maximum(cap[tr] - 1, 0), tiebreak[tr])
+        left = cap[tr] - vin
+        budget = int(left.sum()) if cohort.budget is None else cohort.budget
+        n_train = _two_level(budget, strata[tr], left, tiebreak[tr])
+        counts["n_val_in"][tr] = vin
+        counts["n_train"][tr] = n_train
+        counts["n_guidance"][tr] = _two_level(cohort.guidance_tiles, strata[tr], n_train, tiebreak[tr])
+        counts["n_val_out"][out] = _two_level(cohort.val_out_tiles, strata[out], cap[out], tiebreak[out])
+    for col, values in counts.items():
+        p[col] = values
+    return p[PLAN_COLUMNS]
+
+
+def draw_cells(capacity: int, counts: dict[str, int], seed: int, slide_id: str, external: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The picks of one slide: positions into its candidates sorted by (y, x), split codes (indices
+    into ``SPLIT_ORDER``) and guidance flags."""
+    perm = slide_rng(_selection_seed(seed), slide_id).permutation(capacity)
+    if external:
+        segments = [(GUIDANCE, counts["n_guidance"]), (VAL_OUT, counts["n_val_out"])]
+    else:
+        segments = [(VAL_IN, counts["n_val_in"]), (TRAIN, counts["n_train"]), (VAL_OUT, counts["n_val_out"])]
+    total = sum(n for _, n in segments)
+    if total > capacity:
+        raise ValueError(f"slide {slide_id}: {total} tiles planned but only {capacity} candidates")
+    codes = np.repeat(np.array([SPLIT_ORDER.index(s) for s, _ in segments], dtype=np.int8), [n for _, n in segments])
+    guidance = codes == SPLIT_ORDER.index(GUIDANCE)
+    if not external:
+        start = counts["n_val_in"]
+        guidance[start : start + counts["n_guidance"]] = True
+    return perm[:total], codes, guidance
+
+
+@dataclass(frozen=True)
+class _SlideJob:
+    root: str
+    slide_id: str
+    seed: int
+    external: bool
+    counts: tuple[tuple[str, int], ...]
+
+
+def _select_slide(job: _SlideJob) -> dict:
+    layout = DatasetLayout(job.root)
+    try:
+        path = layout.candidates_path(job.slide_id)
+        cands = pd.read_parquet(path) if path.exists() else schema.CANDIDATES.empty_table().to_pandas()
+        cands = cands.sort_values(["y", "x", "tile_id"], kind="stable").reset_index(drop=True)
+        positions, codes, guidance = draw_cells(len(cands), dict(job.counts), job.seed, job.slide_id, job.external)
+        picked = cands.iloc[positions].assign(split=np.array(SPLIT_ORDER, dtype=object)[codes], guidance=guidance)
+        picked = picked.sort_values(["y", "x", "tile_id"], kind="stable").reset_index(drop=True)
+        write_slide_selection(layout, job.slide_id, picked)
+        return {"slide_id": job.slide_id, "error": None}
+    except Exception as exc:  # one unreadable candidate file must not stop the other slides
+        reason = f"{exc.__class__.__name__}: {' '.join(str(exc).split())}"
+        return {"slide_id": job.slide_id, "error": f"{layout.candidates_path(job.slide_id)}: {reason}; rebuild this slide's candidates"}
+
+
+@dataclass
+class SelectionReport:
+    kind: str
+    seed: int
+    slides: SlideSplitReport
+    splits: dict[str, dict] = field(default_factory=dict)
+    per_tss: list[dict] = field(default_factory=list)
+    per_project: list[dict] = field(default_factory=list)
+    slides_without_candidates: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stale_removed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "slides"}
+        return {"slides": self.slides.to_dict(), **d}
+
+    def markdown(self) -> str:
+        s = self.slides
+        lines = [
+            "# Cohort selection",
+            "",
+            f"Kind `{self.kind}`, seed {self.seed}, slide split `{s.mode}`.",
+            "",
+            f"- cohort slides: {s.members}; val_out: {s.val_out} of {s.target_val_out} asked "
+            f"({s.val_out_patients} patient(s), {s.projects_in_val_out}/{s.projects} projects, {s.tss_in_val_out}/{s.tss} sites)",
+            f"- training slides cover {s.tss_in_train}/{s.tss} sites",
+            f"- val_out slide-level TVD: per site {s.tvd_tss:.4f} (best possible by rounding {s.tvd_tss_floor:.4f}), "
+            f"per project {s.tvd_project:.4f}",
+            *[f"- note: {n}" for n in s.notes],
+        ]
+        if self.splits:
+            lines += self._tile_tables()
+        else:
+            lines += ["", "Slide-level split only: the dataset has no candidate cells to select tiles from."]
+        if self.slides_without_candidates:
+            lines += ["", f"{len(self.slides_without_candidates)} usable slide(s) have no candidate cells."]
+        if self.errors:
+            lines += ["", "## Errors", "", *[f"- {e}" for e in self.errors]]
+        return "\n".join(lines) + "\n"
+
+    def _tile_tables(self) -> list[str]:
+        names = list(self.splits)
+        lines = [
+            "",
+            "| split | target | achieved | TVD per site | rounding floor | TVD per project |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, d in self.splits.items():
+            lines.append(
+                f"| {name} | {d['target']} | {d['achieved']} | {d['tvd_tss']:.4f} | {d['tvd_tss_floor']:.4f} | {d['tvd_project']:.4f} |"
+            )
+        lines += ["", "## Per project (tiles: achieved / target)", "", "| project | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        for row in self.per_project:
+            cells = [f"{row[n]} / {row[n + '_target']:.0f}" for n in names]
+            lines.append(f"| {row['project']} | " + " | ".join(cells) + " |")
+        worst = sorted(self.per_tss, key=lambda r: -max(abs(r[n] - r[n + "_target"]) for n in names))[:20]
+        lines += ["", "## Sites furthest from their target (tiles: achieved / target)", "",
+                  "| site | project | slides | " + " | ".join(names) + " |", "|---|---|---:|" + "---:|" * len(names)]
+        for row in worst:
+            cells = [f"{row[n]} / {row[n + '_target']:.1f}" for n in names]
+            lines.append(f"| {row['tss_code']} | {row['project']} | {row['slides']} | " + " | ".join(cells) + " |")
+        return lines
+
+
+def _split_targets(cohort: CohortConfig, plan: pd.DataFrame) -> dict[str, tuple[int, str]]:
+    """Each split's asked total and the slide split whose site shares it mirrors."""
+    if cohort.kind == "external":
+        return {GUIDANCE: (cohort.conditioning_tiles, VAL_OUT), VAL_OUT: (cohort.reference_tiles, VAL_OUT)}
+    budget = int(plan.loc[plan["split"] == TRAIN, "capacity"].sum()) if cohort.budget is None else cohort.budget
+    return {
+        TRAIN: (budget, TRAIN),
+        VAL_IN: (cohort.val_in_tiles, TRAIN),
+        GUIDANCE: (cohort.guidance_tiles, TRAIN),
+        VAL_OUT: (cohort.val_out_tiles, VAL_OUT),
+    }
+
+
+def summarise(plan: pd.DataFrame, cohort: CohortConfig) -> tuple[dict, list[dict], list[dict]]:
+    """Achieved vs target per split, per site and per project. A split's target distribution is the
+    site (or project) share of the slides it is drawn from; for an external cohort, the candidates."""
+    splits, tss_rows, project_rows = {}, {}, {}
+    for name, (target, side) in _split_targets(cohort, plan).items():
+        src = plan[plan["split"] == side]
+        weight = src["capacity"] if cohort.kind == "external" else pd.Series(1, index=src.index)
+        got = src[COUNT_COLUMNS[name]]
+        achieved = int(got.sum())
+        per_tss_w = weight.groupby(src["tss_code"]).sum()
+        per_tss = got.groupby(src["tss_code"]).sum()
+        per_proj_w = weight.groupby(src["project"]).sum()
+        per_proj = got.groupby(src["project"]).sum()
+        splits[name] = {
+            "target": int(target),
+            "achieved": achieved,
+            "tvd_tss": tvd(per_tss.to_dict(), per_tss_w.to_dict()),
+            "tvd_tss_floor": rounding_floor_tvd(achieved, per_tss_w.to_dict()),
+            "tvd_project": tvd(per_proj.to_dict(), per_proj_w.to_dict()),
+        }
+        for table, counts, weights, key in ((tss_rows, per_tss, per_tss_w, "tss_code"), (project_rows, per_proj, per_proj_w, "project")):
+            for k in weights.index:
+                row = table.setdefault(k, {key: k})
+                row[name] = int(counts.get(k, 0))
+                row[name + "_target"] = float(target * weights[k] / weights.sum())
+    site_info = plan.groupby("tss_code").agg(project=("project", "first"), slides=("slide_id", "size"))
+    for k, row in tss_rows.items():
+        row.update(project=site_info.at[k, "project"], slides=int(site_info.at[k, "slides"]))
+    fill = {n: 0 for n in splits} | {n + "_target": 0.0 for n in splits}
+    tss_list = [fill | tss_rows[k] for k in sorted(tss_rows)]
+    project_list = [fill | project_rows[k] for k in sorted(project_rows)]
+    return splits, tss_list, project_list
+
+
+def _candidate_count(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+
+
+def write_slide_splits(layout: DatasetLayout, split: dict[str, str | None]) -> None:
+    """Add (or replace) the slide-level ``split`` column of slides.parquet (``split`` maps slide_id to
+    its split), keeping every other column and the row order."""
+    table = pq.read_table(layout.slides_parquet)
+    if "split" in table.column_names:
+        table = table.drop_columns(["split"])
+    values = [split.get(s) for s in table.column("slide_id").to_pylist()]
+    table = table.append_column(schema.SLIDE_SPLIT_COLUMNS.field("split"), pa.array(values, pa.string()))
+    write_parquet_atomic(layout.slides_parquet, table)
+
+
+def _split_slides(layout: DatasetLayout, cohort: CohortConfig, seed: int) -> tuple[pd.DataFrame, SlideSplitReport]:
+    slides = read_slides(layout).sort_values("slide_id", kind="stable").reset_index(drop=True)
+    split, report = assign_slide_splits(slides, cohort, seed)
+    write_slide_splits(layout, dict(zip(slides["slide_id"], split)))
+    return slides.assign(split=split), report
+
+
+def _write_report(layout: DatasetLayout, report: SelectionReport) -> None:
+    write_text_atomic(layout.cohort_report_json, json.dumps(report.to_dict(), indent=1, sort_keys=True) + "\n")
+    write_text_atomic(layout.cohort_report_md, report.markdown())
+
+
+def write_slide_split(layout: DatasetLayout, cohort: CohortConfig, seed: int) -> SelectionReport:
+    """Only the slide-level split (an inventory without candidates): slides.parquet and the report."""
+    _, split_report = _split_slides(layout, cohort, seed)
+    report = SelectionReport(kind=cohort.kind, seed=seed, slides=split_report)
+    _write_report(layout, report)
+    return report
+
+
+def select_tiles(
+    layout: DatasetLayout, cohort: CohortConfig, seed: int, workers: int = 1, dask_address: str | None = None
+) -> SelectionReport:
+    """Slide splits into slides.parquet, ``selection/<slide_id>.parquet`` for every usable slide, and
+    ``reports/cohort.{json,md}``. Per-slide failures are recorded in the report, never raised."""
+    slides, split_report = _split_slides(layout, cohort, seed)
+    usable = slides[(slides["status"] == "ok") & slides["split"].notna()].copy()
+    usable["capacity"] = [_candidate_count(layout.candidates_path(s)) for s in usable["slide_id"]]
+    plan = plan_selection(usable, cohort, seed)
+
+    jobs = [
+        _SlideJob(str(layout.root), r.slide_id, seed, cohort.kind == "external",
+                  tuple((c, int(getattr(r, c))) for c in COUNT_COLUMNS.values()))
+        for r in plan.itertuples(index=False)
+    ]
+    results = sorted(
+        map_unordered(_select_slide, jobs, workers=workers, dask_address=dask_address, desc="selection"),
+        key=lambda r: r["slide_id"],
+    )
+    stale = _remove_stale_selections(layout, set(plan["slide_id"]))
+
+    splits, per_tss, per_project = summarise(plan, cohort)
+    report = SelectionReport(
+        kind=cohort.kind,
+        seed=seed,
+        slides=split_report,
+        splits=splits,
+        per_tss=per_tss,
+        per_project=per_project,
+        slides_without_candidates=sorted(plan.loc[plan["capacity"] == 0, "slide_id"]),
+        errors=[r["error"] for r in results if r["error"]],
+        stale_removed=stale,
+    )
+    _write_report(layout, report)
+    return report
+
+
+def write_cohort_selection(layout: DatasetLayout, cfg: PipelineConfig) -> SelectionReport:
+    """The build's cohort stage: ``select_tiles`` with the config's cohort section, seed and workers."""
+    if cfg.cohort is None:
+        raise ConfigError("the config has no cohort section; add `cohort:` (see docs/cohort.md)")
+    return select_tiles(layout, cfg.cohort, cfg.seed, cfg.workers, cfg.dask_address)
+
+
+def _remove_stale_selections(layout: DatasetLayout, keep: set[str]) -> int:
+    """A slide that left the cohort (now excluded or failed) must not keep an old selection file."""
+    if not layout.selection_dir.exists():
+        return 0
+    stale = [p for p in layout.selection_dir.glob("*.parquet") if p.stem not in keep]
+    for p in stale:
+        p.unlink()
+        layout.tiles_path(p.stem).unlink(missing_ok=True)
+    return len(stale)
