@@ -19,6 +19,7 @@ class SlidesConfig(_Section):
 
     source: Literal["synthetic-demo", "folder", "csv", "gdc"] = "folder"
     folder: Path | None = None
+    metadata_csv: Path | None = Field(default=None, description="per-slide patient/site/project/mpp for a folder source")
     csv: Path | None = None
     gdc_manifests: list[Path] = Field(default_factory=list)
     recursive: bool = True
@@ -27,14 +28,6 @@ class SlidesConfig(_Section):
     mpp: float | None = Field(default=None, gt=0, description="override for every slide (µm/px)")
     objective_power_fallback: bool = False
     demo_slides: int = Field(default=8, ge=1)
-
-    @model_validator(mode="after")
-    def _source_has_its_input(self) -> SlidesConfig:
-        needs = {"folder": self.folder, "csv": self.csv, "gdc": self.gdc_manifests or None}
-        if self.source in needs and needs[self.source] is None:
-            field = {"folder": "slides.folder", "csv": "slides.csv", "gdc": "slides.gdc_manifests"}[self.source]
-            raise ValueError(f"slides.source is '{self.source}' but {field} is not set")
-        return self
 
 
 class TissueConfig(_Section):
@@ -89,6 +82,49 @@ class CurationConfig(_Section):
     demo_holdout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
 
 
+class CohortConfig(_Section):
+    """TSS-stratified tile selection and train / val_in / val_out / guidance splits (docs/cohort.md)."""
+
+    kind: Literal["tcga", "generic", "external"] = "tcga"
+    diagnostic_only: bool = True
+    budget: int | None = Field(default=40_000_000, ge=0, description="training tiles; None = every candidate left")
+    val_out_slides: int | float | None = Field(
+        default=None, ge=0, description="held-out slides: a count, or a fraction < 1; None = 1012 for tcga, 0.1 for generic"
+    )
+    val_out_list: str | None = Field(default=None, description="'canonical' or a CSV with slide_id: the val_out slides")
+    val_in_tiles: int = Field(default=100_000, ge=0)
+    val_out_tiles: int = Field(default=100_000, ge=0)
+    guidance_tiles: int = Field(default=100_000, ge=0)
+    conditioning_tiles: int = Field(default=50_000, ge=0, description="external cohorts: the guidance set")
+    reference_tiles: int = Field(default=50_000, ge=0, description="external cohorts: the disjoint reference set")
+
+    @model_validator(mode="after")
+    def _fraction_below_one(self) -> CohortConfig:
+        if isinstance(self.val_out_slides, float) and not 0.0 < self.val_out_slides < 1.0:
+            raise ValueError("cohort.val_out_slides is a count (integer) or a fraction strictly between 0 and 1")
+        return self
+
+
+class FeaturesConfig(_Section):
+    """Frozen-backbone features of every kept tile: CLS → cls.parquet, 14×14 tokens → tokens.zarr (docs/features.md)."""
+
+    extractor: str = Field(default="h0-mini", description="a name from cytosyn.nn.backbones.list_backbones()")
+    weights: str | None = Field(default=None, description="local .safetensors/.pth file, or hf-hub:<repo> when online")
+    weights_subkey: str | None = None
+    timm_overrides: dict[str, int | float | str | bool] = Field(default_factory=dict, description="e.g. {depth: 2}")
+    batch_size: int = Field(default=64, ge=1)
+    num_workers: int = Field(default=4, ge=0, description="DataLoader workers decoding PNGs during the forward")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    chunk_rows: int = Field(default=256, ge=1, description="tiles per Zarr shard file = unit of resumption and of parallel work")
+
+
+class ShardsConfig(_Section):
+    """Shuffled training shards: PNG bytes + CLS + tokens + metadata (docs/shards.md)."""
+
+    shard_size: int = Field(default=4096, ge=1)
+    splits: list[Literal["train", "val_in", "val_out"]] = Field(default_factory=lambda: ["train"])
+
+
 class PipelineConfig(_Section):
     name: str = "cytosyn"
     seed: int = 0
@@ -98,13 +134,27 @@ class PipelineConfig(_Section):
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     curation: CurationConfig | None = None
+    cohort: CohortConfig | None = None
+    features: FeaturesConfig | None = None
+    shards: ShardsConfig | None = None
+
+    @model_validator(mode="after")
+    def _slide_source_has_its_input(self) -> PipelineConfig:
+        s = self.slides
+        needs = {"folder": ("slides.folder", s.folder), "csv": ("slides.csv", s.csv), "gdc": ("slides.gdc_manifests", s.gdc_manifests or None)}
+        if s.source in needs and needs[s.source][1] is None:
+            field, _ = needs[s.source]
+            hint = " (or pass --slides DIR)" if s.source == "folder" else ""
+            raise ValueError(f"slides.source is '{s.source}' but {field} is not set{hint}")
+        return self
 
 
 class ConfigError(ValueError):
     """A pipeline config that cannot be used; the message names the file and the fix."""
 
 
-def load_config(path: str | Path) -> PipelineConfig:
+def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """Read a pipeline YAML, deep-merge ``overrides`` (e.g. command-line options) and validate the result."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -114,7 +164,17 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return parse_config(raw, source=str(path), base_dir=path.parent)
+    return parse_config(_deep_merge(raw, overrides or {}), source=str(path), base_dir=path.parent)
+
+
+def _deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_config(raw: dict, source: str = "<config>", base_dir: Path | None = None) -> PipelineConfig:
@@ -123,26 +183,38 @@ def parse_config(raw: dict, source: str = "<config>", base_dir: Path | None = No
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{source}: {where}: {first['msg']} ({len(exc.errors())} error(s) in all)") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {where + ': ' if where else ''}{message} ({len(exc.errors())} error(s) in all)") from None
     return _resolve_paths(cfg, base_dir) if base_dir is not None else cfg
+
+
+# Every field that may hold a file path, as (section, field). Values that name no file ("canonical",
+# "hf-hub:…") are left as they are.
+_PATH_FIELDS = (
+    ("slides", "folder"), ("slides", "metadata_csv"), ("slides", "csv"), ("slides", "gdc_manifests"),
+    ("cohort", "val_out_list"), ("curation", "weights"), ("features", "weights"),
+)
 
 
 def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
     """Relative paths in a config file are relative to the file, not to the working directory."""
-    def fix(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else (base_dir / p).resolve()
 
-    s = cfg.slides
-    updates = {
-        "folder": fix(s.folder) or s.folder,
-        "csv": fix(s.csv) or s.csv,
-        "gdc_manifests": [fix(p) or p for p in s.gdc_manifests],
-    }
-    cfg = cfg.model_copy(update={"slides": s.model_copy(update=updates)})
-    if cfg.curation is not None and cfg.curation.weights is not None:
-        weights = fix(cfg.curation.weights) or cfg.curation.weights
-        cfg = cfg.model_copy(update={"curation": cfg.curation.model_copy(update={"weights": weights})})
-    return cfg
+    def fix(value):
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        text = str(value)
+        if text == "canonical" or text.startswith("hf-hub:") or Path(text).is_absolute():
+            return value
+        resolved = (base_dir / text).resolve()
+        return resolved if isinstance(value, Path) else str(resolved)
+
+    sections: dict[str, dict] = {}
+    for section, field in _PATH_FIELDS:
+        if getattr(cfg, section) is not None and hasattr(getattr(cfg, section), field):
+            sections.setdefault(section, {})[field] = fix(getattr(getattr(cfg, section), field))
+    return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=fields) for name, fields in sections.items()})
 
 
 def dump_config(cfg: PipelineConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +17,8 @@ from cytosyn.pipeline.build import build_dataset
 from cytosyn.pipeline.report import summary_frame
 
 DEMO_OUT = Path("cytosyn-demo")
-console = Console(stderr=False)
+# Wide enough for full TCGA barcodes even when stdout is not a terminal (CI logs, pipes).
+console = Console(width=max(shutil.get_terminal_size((140, 24)).columns, 120))
 
 
 def demo_config_path() -> Path:
