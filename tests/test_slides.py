@@ -103,3 +103,13 @@ def test_alpha_is_composited_on_white():
     rgba = np.array([[[10, 20, 30, 255], [10, 20, 30, 0], [0, 100, 200, 128]]], np.uint8)
     out = composite_on_white(rgba)
     assert out.tolist() == [[[10, 20, 30], [255, 255, 255], [127, 177, 227]]]
+
+
+def test_a_dicom_series_is_one_slide():
+    from cytosyn.cohort.inventory import inventory_from_folder
+
+    folder = shared_file("slides")
+    inv = inventory_from_folder(folder, kind="generic", extensions=[".dcm"])
+    assert inv["slide_id"].tolist() == ["boxes_0"]
+    with open_slide(inv.loc[0, "path"]) as s:
+        assert s.vendor == "dicom" and s.level_count >= 1

@@ -179,7 +179,22 @@ def _resolve_duplicates(frame: pd.DataFrame) -> pd.DataFrame:
 def _list_slide_files(folder: Path, extensions: Sequence[str], recursive: bool) -> list[Path]:
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     pattern = folder.rglob("*") if recursive else folder.glob("*")
-    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+    files = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+    return _one_file_per_dicom_series(files)
+
+
+def _one_file_per_dicom_series(files: list[Path]) -> list[Path]:
+    """A DICOM slide is a folder of .dcm files (one per level); OpenSlide opens the whole series from
+    any of them, so each folder counts once, named by its first file."""
+    seen: set[Path] = set()
+    kept = []
+    for f in files:
+        if f.suffix.lower() == ".dcm":
+            if f.parent in seen:
+                continue
+            seen.add(f.parent)
+        kept.append(f)
+    return kept
 
 
 def inventory_from_folder(
