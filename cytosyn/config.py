@@ -109,7 +109,7 @@ class FeaturesConfig(_Section):
     """Frozen-backbone features of every kept tile: CLS → cls.parquet, 14×14 tokens → tokens.zarr (docs/features.md)."""
 
     extractor: str = Field(default="h0-mini", description="a name from cytosyn.nn.backbones.list_backbones()")
-    weights: str | None = Field(default=None, description="local .safetensors/.pth file, or hf-hub:<repo> when online")
+    weights: str | None = Field(default=None, description="local .safetensors/.pth file, hf-hub:<repo> when online, or random-init (demo)")
     weights_subkey: str | None = None
     timm_overrides: dict[str, int | float | str | bool] = Field(default_factory=dict, description="e.g. {depth: 2}")
     batch_size: int = Field(default=64, ge=1)
@@ -205,7 +205,7 @@ def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
         if isinstance(value, list):
             return [fix(v) for v in value]
         text = str(value)
-        if text == "canonical" or text.startswith("hf-hub:") or Path(text).is_absolute():
+        if text in ("canonical", "random-init") or text.startswith("hf-hub:") or Path(text).is_absolute():
             return value
         resolved = (base_dir / text).resolve()
         return resolved if isinstance(value, Path) else str(resolved)

@@ -34,7 +34,7 @@ from cytosyn.features.store import (
 from cytosyn.io.hashing import sha256_file
 from cytosyn.io.images import read_png_rgb
 from cytosyn.io.layout import DatasetLayout
-from cytosyn.nn.backbones import BackboneSpec, create_backbone, get_backbone_spec
+from cytosyn.nn.backbones import RANDOM_INIT, BackboneSpec, create_backbone, get_backbone_spec
 
 # SiT-XL/2 on the 28×28 latent of a 224 px tile sees 14×14 tokens.
 TOKEN_GRID = 14
@@ -110,6 +110,7 @@ def load_extractor(fcfg: FeaturesConfig, device: torch.device) -> TokenExtractor
         raise FeaturesError(
             f"no weights for '{spec.name}': pass --weights FILE (.safetensors or .pth)"
             + (f", or --weights {spec.hf_hub} when online" if spec.hf_hub else "")
+            + f" (or --weights {RANDOM_INIT} for a demo with random features)"
         )
     model = create_backbone(spec, weights=fcfg.weights, weights_subkey=fcfg.weights_subkey, **fcfg.timm_overrides)
     return TokenExtractor(spec, model, device)
@@ -118,7 +119,7 @@ def load_extractor(fcfg: FeaturesConfig, device: torch.device) -> TokenExtractor
 def provenance(extractor: TokenExtractor, fcfg: FeaturesConfig) -> dict:
     """What the stored features are a function of (besides the tiles), kept in tokens.zarr's attributes."""
     weights = str(fcfg.weights)
-    local = not weights.startswith("hf-hub:")
+    local = not weights.startswith("hf-hub:") and weights != RANDOM_INIT
     return {
         "extractor": extractor.spec.name,
         "timm_name": extractor.spec.timm_name,

@@ -1,8 +1,9 @@
 """A registry of frozen timm backbones (feature extractors) and the one factory that builds them.
 
 Weights come from a local file (safetensors, or a torch file loaded with ``weights_only=True``), or from
-``hf-hub:<repo>`` when the machine is online. ``weights=None`` keeps random initialisation, which tests
-use to exercise the real architecture without any download.
+``hf-hub:<repo>`` when the machine is online. ``weights=None`` keeps timm's initialisation (tests load
+their own file afterwards); ``weights="random-init"`` asks for a seeded, reproducible random
+initialisation explicitly — the demo's stand-in where no pretrained weights can be had.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # H-optimus family normalisation (H0-mini's model config).
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+RANDOM_INIT = "random-init"
+RANDOM_INIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -105,14 +108,18 @@ def create_backbone(
         spec = get_backbone_spec(spec)
     kwargs = {**spec.timm_kwargs, **timm_overrides}
     online = isinstance(weights, str) and weights.startswith("hf-hub:")
-    model = timm.create_model(
-        weights if online else spec.timm_name,
-        pretrained=online,
-        img_size=spec.img_size,
-        num_classes=0,
-        **kwargs,
-    )
-    if weights is not None and not online:
+    random_init = weights == RANDOM_INIT
+    with torch.random.fork_rng(devices=[]):
+        if random_init:
+            torch.manual_seed(RANDOM_INIT_SEED)
+        model = timm.create_model(
+            weights if online else spec.timm_name,
+            pretrained=online,
+            img_size=spec.img_size,
+            num_classes=0,
+            **kwargs,
+        )
+    if weights is not None and not online and not random_init:
         load_weights_into(model, weights, subkey=weights_subkey)
     model.eval()
     for p in model.parameters():

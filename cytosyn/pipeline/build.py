@@ -111,6 +111,29 @@ def write_slides_manifest(layout: DatasetLayout, slides: pd.DataFrame) -> None:
     write_parquet_atomic(layout.slides_parquet, table)
 
 
+def run_model_stages(layout: DatasetLayout, cfg: PipelineConfig) -> list[str]:
+    """Features, then shards, when the config asks for them; returns one-line errors.
+
+    Shards need every kept tile's features, so they wait for a complete feature run.
+    """
+    if cfg.features is not None:
+        from cytosyn.features import extract_features
+        from cytosyn.features.store import FeaturesError
+
+        try:
+            features = extract_features(layout, cfg)
+        except FeaturesError as exc:
+            return [str(exc)]
+        if not features.ok:
+            return features.errors
+    if cfg.shards is not None:
+        from cytosyn.shards import write_shards
+
+        for split in cfg.shards.splits:
+            write_shards(layout, cfg, split)
+    return []
+
+
 def build_dataset(cfg: PipelineConfig, out: str | Path) -> BuildResult:
     layout = DatasetLayout(Path(out).resolve())
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -140,6 +163,7 @@ def build_dataset(cfg: PipelineConfig, out: str | Path) -> BuildResult:
 
     slides = slides.sort_values("slide_id", kind="stable").reset_index(drop=True)
     errors = [e for e in slides.loc[slides["status"] == "error", "error"].tolist() if e]
+    errors += run_model_stages(layout, cfg)
     result = BuildResult(layout.root, slides, errors)
     write_build_report(layout, cfg, result.slides)
     return result
