@@ -8,10 +8,9 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from cytosyn.config import ConfigError, FeaturesConfig, PipelineConfig, ShardsConfig, load_config
-from cytosyn.features import FeaturesError, compute_features
 from cytosyn.io.layout import DatasetLayout
-from cytosyn.nn.weights import WeightsError
-from cytosyn.shards import ShardsError, build_shards
+
+# torch and timm are imported inside the commands: every `cytosyn` invocation would pay for them here.
 
 
 def _dataset_config(layout: DatasetLayout, overrides: dict) -> tuple[FeaturesConfig, ShardsConfig, int]:
@@ -33,14 +32,17 @@ def _fail(exc: Exception, code: int) -> typer.Exit:
 def features(
     dataset: Annotated[Path, typer.Argument(help="dataset root (built by `cytosyn data build`)")],
     extractor: Annotated[Optional[str], typer.Option(help="backbone from the registry (default h0-mini)")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="local .safetensors/.pth file, or hf-hub:<repo> when online")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="local .safetensors/.pth file, hf-hub:<repo> when online, or random-init (demo)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     num_workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader workers decoding PNGs")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
 ) -> None:
     """CLS → features/<extractor>/cls.parquet and 14×14 patch tokens → tokens.zarr for every kept tile."""
+    from cytosyn.features import FeaturesError, compute_features
+    from cytosyn.nn.weights import WeightsError
+
     layout = DatasetLayout(dataset)
-    if weights is not None and not weights.startswith("hf-hub:"):
+    if weights is not None and not weights.startswith("hf-hub:") and weights != "random-init":
         weights = str(Path(weights).resolve())
     options = {"extractor": extractor, "weights": weights, "batch_size": batch_size, "num_workers": num_workers, "device": device}
     try:
@@ -66,6 +68,9 @@ def shards(
     extractor: Annotated[Optional[str], typer.Option(help="whose features to pack (default h0-mini)")] = None,
 ) -> None:
     """Shuffled shards/<split>/shard-NNNNN.parquet (PNG bytes, CLS, tokens, metadata) + index.parquet + shards.json."""
+    from cytosyn.features import FeaturesError
+    from cytosyn.shards import ShardsError, build_shards
+
     layout = DatasetLayout(dataset)
     overrides: dict = {}
     if shard_size is not None:
