@@ -67,6 +67,7 @@ class CurationConfig(_Section):
     backbone: str = "ibot-vit-s"
     architecture: str | None = Field(default=None, description="timm architecture replacing the backbone's own")
     timm_overrides: dict[str, int | float | str | bool] = Field(default_factory=dict, description="e.g. {depth: 4}")
+    heads: Path | None = Field(default=None, description="trained heads folder; the build then curates with them (else the demo trains on ground truth)")
     weights: Path | None = Field(default=None, description="local weights; None = random init (demo only)")
     weights_subkey: str | None = None
     batch_size: int = Field(default=64, ge=1)
@@ -192,7 +193,7 @@ def parse_config(raw: dict, source: str = "<config>", base_dir: Path | None = No
 # "hf-hub:…") are left as they are.
 _PATH_FIELDS = (
     ("slides", "folder"), ("slides", "metadata_csv"), ("slides", "csv"), ("slides", "gdc_manifests"),
-    ("cohort", "val_out_list"), ("curation", "weights"), ("features", "weights"),
+    ("cohort", "val_out_list"), ("curation", "heads"), ("curation", "weights"), ("features", "weights"),
 )
 
 

@@ -5,6 +5,7 @@ Only safetensors or `torch.load(weights_only=True)` are used: a checkpoint is da
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ from safetensors.torch import load_file
 
 # Prefixes that wrap a backbone's keys in common checkpoints (DDP, iBOT/DINO teacher, timm heads).
 _WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "encoder.")
+# Keys a frozen feature extractor never uses: classification heads, iBOT's masked-token embedding.
+_IGNORED_PREFIXES = ("head.", "fc_norm.", "masked_embed")
 
 
 class WeightsError(ValueError):
@@ -31,7 +34,10 @@ def read_state_dict(path: str | Path, subkey: str | None = None) -> dict[str, to
         state = load_file(str(path))
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # DINO/iBOT training checkpoints keep their argparse options under "args"; allowing that one
+            # plain-data class lets them load without opening weights_only to arbitrary code.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is not plain weights
             raise WeightsError(
                 f"{path}: not loadable as plain weights ({exc.__class__.__name__}); convert it to safetensors"
@@ -63,18 +69,30 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+def backbone_subtree(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep only the ``backbone.`` keys when a checkpoint also holds other modules.
+
+    A DINO/iBOT teacher is ``MultiCropWrapper(backbone, head)``: its keys are ``backbone.*`` plus the
+    projection head's ``head.*``, so the shared-prefix rule of ``strip_prefixes`` cannot apply.
+    """
+    for prefix in ("module.backbone.", "backbone."):
+        if any(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
 def load_weights_into(
     model: torch.nn.Module,
     path: str | Path,
     subkey: str | None = None,
-    ignore_prefixes: tuple[str, ...] = ("head.", "fc_norm."),
+    ignore_prefixes: tuple[str, ...] = _IGNORED_PREFIXES,
 ) -> None:
     """Load ``path`` into ``model`` strictly, naming the first missing, unexpected or mis-shaped key.
 
     Keys under ``ignore_prefixes`` (classification heads a feature extractor never uses) may be absent
     or extra.
     """
-    state = strip_prefixes(read_state_dict(path, subkey))
+    state = strip_prefixes(backbone_subtree(read_state_dict(path, subkey)))
     expected = model.state_dict()
 
     def relevant(key: str) -> bool:

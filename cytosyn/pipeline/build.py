@@ -112,10 +112,25 @@ def write_slides_manifest(layout: DatasetLayout, slides: pd.DataFrame) -> None:
 
 
 def run_model_stages(layout: DatasetLayout, cfg: PipelineConfig) -> list[str]:
-    """Features, then shards, when the config asks for them; returns one-line errors.
+    """Curation, features, then shards, when the config asks for them; returns one-line errors.
 
-    Shards need every kept tile's features, so they wait for a complete feature run.
+    Curation decides which tiles are kept, features are computed for kept tiles only, and shards need
+    every kept tile's features: each stage waits for the one before to succeed.
     """
+    if cfg.curation is not None:
+        try:
+            if cfg.curation.heads is not None:
+                from cytosyn.curation.predict import curate_with_heads
+
+                errors = curate_with_heads(layout, cfg, cfg.curation.heads).errors
+            else:
+                from cytosyn.curation.demo import run_demo_curation
+
+                errors = run_demo_curation(layout, cfg).errors
+        except (ValueError, FileNotFoundError) as exc:  # every curation error is one of these
+            return [" ".join(str(exc).split())]
+        if errors:
+            return errors
     if cfg.features is not None:
         from cytosyn.features import extract_features
         from cytosyn.features.store import FeaturesError

@@ -7,6 +7,7 @@ import io
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from cytosyn.config import PipelineConfig
 from cytosyn.io.atomic import write_bytes_atomic, write_text_atomic
@@ -81,6 +82,22 @@ def _contact_sheet(layout: DatasetLayout, slide_ids: list[str]) -> bytes | None:
     return buf.tobytes() if ok else None
 
 
+def _stage_lines(layout: DatasetLayout) -> list[str]:
+    """One line per later stage that ran, pointing at its own report or output."""
+    lines = []
+    for name, title in (("cohort.md", "cohort selection and splits"), ("curation.md", "artifact curation")):
+        if (layout.reports_dir / name).exists():
+            lines.append(f"- {title}: [{name}]({name})")
+    for folder in sorted((layout.root / "features").glob("*/tokens.index.parquet")):
+        rows = pq.ParquetFile(folder).metadata.num_rows
+        lines.append(f"- features ({folder.parent.name}): {rows} tiles → `features/{folder.parent.name}/`")
+    for index in sorted((layout.root / "shards").glob("*/index.parquet")):
+        rows = pq.ParquetFile(index).metadata.num_rows
+        n = len(list(index.parent.glob("shard-*.parquet")))
+        lines.append(f"- shards ({index.parent.name}): {rows} samples in {n} shard(s) → `shards/{index.parent.name}/`")
+    return lines
+
+
 def write_build_report(layout: DatasetLayout, cfg: PipelineConfig, slides: pd.DataFrame) -> None:
     summary = summary_frame(slides)
     n_ok = int((slides["status"] == "ok").sum())
@@ -93,6 +110,8 @@ def write_build_report(layout: DatasetLayout, cfg: PipelineConfig, slides: pd.Da
         f"- slides: {len(slides)} ({n_ok} ok, {n_err} error, {n_excl} excluded)",
         f"- tiles: {tiles} at {cfg.tiling.size_px} px, {cfg.tiling.mpp} µm/px (lossless PNG)",
         f"- seed: {cfg.seed}",
+        "",
+        *_stage_lines(layout),
         "",
         "![tiles per project](tiles_per_project.png)",
         "",
