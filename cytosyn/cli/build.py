@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cytosyn.cli.common import exit_on_errors, fail
 from cytosyn.config import ConfigError, load_config
 from cytosyn.pipeline.build import build_dataset
 from cytosyn.pipeline.report import summary_frame
@@ -46,21 +47,15 @@ def build(
     try:
         cfg = load_config(pipeline or demo_config_path(), overrides)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
     root = out or (DEMO_OUT if pipeline is None else Path(cfg.name))
     try:
         result = build_dataset(cfg, root)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
     _print_summary(result.slides)
     console.print(f"dataset: {result.root}  (report: {result.root / 'reports' / 'build.md'})")
-    if result.errors:
-        typer.echo(f"{len(result.errors)} slide(s) failed:", err=True)
-        for err in result.errors:
-            typer.echo(f"  {err}", err=True)
-        raise typer.Exit(1)
+    exit_on_errors(result.errors, "slide(s) or tile(s) failed")
 
 
 def _print_summary(slides) -> None:

@@ -10,6 +10,7 @@ import pandas as pd
 import typer
 from pydantic import ValidationError
 
+from cytosyn.cli.common import exit_on_errors, fail
 from cytosyn.cohort.audit import audit_dataset
 from cytosyn.cohort.barcodes import looks_like_tcga
 from cytosyn.cohort.inventory import DEFAULT_EXTENSIONS, inventory_from_csv, inventory_from_folder, inventory_from_gdc_manifests
@@ -21,11 +22,6 @@ from cytosyn.io.atomic import write_text_atomic
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.io.manifests import read_slides
 from cytosyn.io.schema import SLIDES
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 def gdc_manifest_files(inputs: list[Path]) -> list[Path]:
@@ -116,17 +112,13 @@ def splits(
             report = write_slide_split(layout, cohort, seed)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise _fail(f"cohort.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise fail(f"cohort.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(report.markdown().split("\n## ")[0].rstrip())
     typer.echo(f"\nslides: {layout.slides_parquet}\nreport: {layout.cohort_report_md}")
     errors += report.errors
-    if errors:
-        typer.echo(f"{len(errors)} problem(s):", err=True)
-        for e in errors:
-            typer.echo(f"  {e}", err=True)
-        raise typer.Exit(1)
+    exit_on_errors(errors)
 
 
 def audit(
@@ -138,7 +130,7 @@ def audit(
     try:
         report = audit_dataset(DatasetLayout(dataset.resolve()), max_tvd=max_tvd)
     except FileNotFoundError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(json.dumps(report.to_dict(), indent=1) if as_json else report.text())
     if not report.ok:
         raise typer.Exit(1)
@@ -152,7 +144,7 @@ def canonical_split(
     try:
         fresh = canonical_val_out(gdc_manifest_files(gdc))
     except (ValueError, FileNotFoundError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if out is not None:
         write_text_atomic(out, fresh.to_csv(index=False, lineterminator="\n"))
     shipped_path = canonical_val_out_path()
@@ -187,13 +179,9 @@ def variants(
     try:
         report = write_variants(DatasetLayout(dataset.resolve()), split, size, jpeg_quality, workers=workers)
     except (ValueError, FileNotFoundError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(f"{report.name}: {report.tiles} tiles from {report.slides} slides in {dataset / 'variants' / report.name}")
-    if report.errors:
-        typer.echo(f"{len(report.errors)} slide(s) failed:", err=True)
-        for e in report.errors:
-            typer.echo(f"  {e}", err=True)
-        raise typer.Exit(1)
+    exit_on_errors(report.errors, "slide(s) failed")
 
 
 def register(data_app: typer.Typer) -> None:

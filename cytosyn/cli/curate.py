@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from pydantic import ValidationError
 
+from cytosyn.cli.common import exit_on_errors, fail
 from cytosyn.config import ConfigError, CurationConfig, PipelineConfig, load_config
 from cytosyn.io.layout import DatasetLayout
 
@@ -64,19 +65,6 @@ def _pipeline_config(dataset: Path | None, config: Path | None, overrides: dict,
     return load_config(source, extra)
 
 
-def _fail(exc: BaseException) -> None:
-    typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
-    raise typer.Exit(2)
-
-
-def _report_errors(errors: list[str]) -> None:
-    if errors:
-        typer.echo(f"{len(errors)} problem(s):", err=True)
-        for err in errors[:50]:
-            typer.echo(f"  {err}", err=True)
-        if len(errors) > 50:
-            typer.echo(f"  … and {len(errors) - 50} more (see the report)", err=True)
-        raise typer.Exit(1)
 
 
 @curate_app.command("train")
@@ -128,15 +116,15 @@ def train(
         outcome = train_heads(resolved.table, setup, ccfg, run_seed, target, cache_for, errors=resolved.errors)
     except ValidationError as exc:
         first = exc.errors()[0]
-        _fail(ConfigError(f"curation.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"))
+        raise fail(ConfigError(f"curation.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")) from None
     except FATAL as exc:
-        _fail(exc)
+        raise fail(exc) from None
     m = outcome.result.metrics
     typer.echo(
         f"heads: {outcome.heads_json.parent}  ({len(outcome.result.ensemble.heads)} folds, {m['n']} annotations, {m['n_artifact']} artifact)\n"
         f"out-of-fold ROC-AUC {m['roc_auc']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}; report: {outcome.report_md}"
     )
-    _report_errors(outcome.errors)
+    exit_on_errors(outcome.errors)
 
 
 @curate_app.command("predict")
@@ -164,9 +152,9 @@ def predict(
         summary = curate_with_heads(layout, cfg, heads or layout.curation_heads_dir, weights, weights_subkey)
     except ValidationError as exc:
         first = exc.errors()[0]
-        _fail(ConfigError(f"curation.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"))
+        raise fail(ConfigError(f"curation.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")) from None
     except FATAL as exc:
-        _fail(exc)
+        raise fail(exc) from None
     t = summary.totals()
     typer.echo(
         f"curated {t['slides']} slide(s): {t['kept']} of {t['tiles']} tiles kept "
@@ -174,7 +162,7 @@ def predict(
         f"top-up {t['topup_kept']} kept of {t['topup_drawn']} drawn, shortfall {t['shortfall']}\n"
         f"report: {layout.curation_dir / PREDICT_REPORT_MD}"
     )
-    _report_errors(summary.errors)
+    exit_on_errors(summary.errors)
 
 
 def register(data_app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from cytosyn.cli.common import exit_on_errors, fail
 from cytosyn.config import ConfigError, FeaturesConfig, PipelineConfig, ShardsConfig, load_config
 from cytosyn.io.layout import DatasetLayout
 
@@ -22,11 +23,6 @@ def _dataset_config(layout: DatasetLayout, overrides: dict) -> tuple[FeaturesCon
         return FeaturesConfig(**overrides.get("features", {})), ShardsConfig(**overrides.get("shards", {})), 0
     except ValueError as exc:
         raise ConfigError(f"invalid option: {exc}") from None
-
-
-def _fail(exc: Exception, code: int) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code)
 
 
 def features(
@@ -49,16 +45,12 @@ def features(
         fcfg, _, _ = _dataset_config(layout, {"features": {k: v for k, v in options.items() if v is not None}})
         result = compute_features(layout, fcfg)
     except (ConfigError, FeaturesError, WeightsError, KeyError) as exc:
-        raise _fail(exc, 2) from None
+        raise fail(exc) from None
     typer.echo(
         f"features: {result.out_dir}  rows={result.rows} chunks={result.chunks} computed={result.computed} "
         f"skipped={result.skipped} complete={result.complete}"
     )
-    if result.errors:
-        typer.echo(f"{len(result.errors)} tile(s) failed (their chunks stay unfinished; fix and rerun):", err=True)
-        for err in result.errors:
-            typer.echo(f"  {err}", err=True)
-        raise typer.Exit(1)
+    exit_on_errors(result.errors, "tile(s) failed", " (their chunks stay unfinished; fix and rerun)")
 
 
 def shards(
@@ -81,16 +73,12 @@ def shards(
         fcfg, scfg, seed = _dataset_config(layout, overrides)
         result = build_shards(layout, split, extractor=fcfg.extractor, shard_size=scfg.shard_size, seed=seed)
     except (ConfigError, ShardsError, FeaturesError, FileNotFoundError) as exc:
-        raise _fail(exc, 2) from None
+        raise fail(exc) from None
     typer.echo(
         f"shards: {result.out_dir}  samples={result.samples} shards={result.shards} written={result.written} "
         f"skipped={result.skipped} complete={result.complete}"
     )
-    if result.errors:
-        typer.echo(f"{len(result.errors)} shard(s) failed:", err=True)
-        for err in result.errors:
-            typer.echo(f"  {err}", err=True)
-        raise typer.Exit(1)
+    exit_on_errors(result.errors, "shard(s) failed")
 
 
 def register(data_app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from cytosyn.cli.common import fail
 from cytosyn.config import TissueConfig
 from cytosyn.slides import SlideError, open_slide
 from cytosyn.tissue import tissue_mask
@@ -49,8 +50,7 @@ def info(
     try:
         facts = slide_facts(path, mpp, backend, objective_power_fallback)
     except SlideError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(exc, code=1) from None
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return
