@@ -34,8 +34,7 @@ def features(
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
 ) -> None:
     """CLS → features/<extractor>/cls.parquet and 14×14 patch tokens → tokens.zarr for every kept tile."""
-    from cytosyn.features import FeaturesError, compute_features
-    from cytosyn.nn.weights import WeightsError
+    from cytosyn.features import compute_features
 
     layout = DatasetLayout(dataset)
     if weights is not None and not weights.startswith("hf-hub:") and weights != "random-init":
@@ -44,7 +43,7 @@ def features(
     try:
         fcfg, _, _ = _dataset_config(layout, {"features": {k: v for k, v in options.items() if v is not None}})
         result = compute_features(layout, fcfg)
-    except (ConfigError, FeaturesError, WeightsError, KeyError) as exc:
+    except (ValueError, KeyError) as exc:  # ConfigError, FeaturesError, WeightsError are ValueErrors
         raise fail(exc) from None
     typer.echo(
         f"features: {result.out_dir}  rows={result.rows} chunks={result.chunks} computed={result.computed} "

@@ -18,7 +18,8 @@ import pandas as pd
 
 from cytosyn.config import CurationConfig, PipelineConfig
 from cytosyn.curation.annotations import annotations_from_ground_truth
-from cytosyn.curation.features import LazyBackbone, backbone_setup, resolve_device
+from cytosyn.curation.features import LazyBackbone, backbone_setup
+from cytosyn.nn.device import resolve_device
 from cytosyn.curation.predict import predict_dataset, topup_tile_ids
 from cytosyn.curation.train import (
     TrainingError,

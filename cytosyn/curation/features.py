@@ -23,7 +23,7 @@ from cytosyn.curation.filters import MEASURE_NAMES, tile_measures
 from cytosyn.io.atomic import write_parquet_atomic
 from cytosyn.io.hashing import sha256_file, stable_hash
 from cytosyn.io.images import read_png_rgb, to_normalised_tensor
-from cytosyn.nn.backbones import create_backbone, get_backbone_spec, with_overrides
+from cytosyn.nn.backbones import RANDOM_INIT, create_backbone, get_backbone_spec, with_overrides
 
 
 class BackboneMismatchError(ValueError):
@@ -124,14 +124,11 @@ def _weights_sha256(weights: str | None) -> str | None:
     return sha256_file(weights)
 
 
-def load_backbone(setup: BackboneSetup, device: str = "cpu") -> torch.nn.Module:
+def load_backbone(setup: BackboneSetup, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The frozen, eval-mode backbone; a random init is seeded so every run gets the same network."""
     spec = with_overrides(get_backbone_spec(setup.name), timm_name=setup.timm_name)
     if setup.random_init:
-        # fork_rng: seeding must not disturb (or depend on) anyone else's use of torch's global generator.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(setup.init_seed or 0))
-            model = create_backbone(spec, None, **setup.timm_overrides)
+        model = create_backbone(spec, RANDOM_INIT, init_seed=int(setup.init_seed or 0), **setup.timm_overrides)
     else:
         model = create_backbone(spec, setup.weights, setup.weights_subkey, **setup.timm_overrides)
     return model.to(device)
@@ -140,7 +137,7 @@ def load_backbone(setup: BackboneSetup, device: str = "cpu") -> torch.nn.Module:
 class LazyBackbone:
     """Builds the backbone on first call and then returns the same model: fully cached runs never load it."""
 
-    def __init__(self, setup: BackboneSetup, device: str = "cpu"):
+    def __init__(self, setup: BackboneSetup, device: str | torch.device = "cpu"):
         self.setup = setup
         self.device = device
         self._model: torch.nn.Module | None = None
@@ -149,14 +146,6 @@ class LazyBackbone:
         if self._model is None:
             self._model = load_backbone(self.setup, self.device)
         return self._model
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA device is visible; use --device cpu")
-    return device
 
 
 class _TileReads(Dataset):
@@ -208,7 +197,7 @@ def embed_tiles(
     select: Selector | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     desc: str = "embedding tiles",
 ) -> Embedded:
     """Decode every tile once, measure it, and run the backbone on the tiles ``select(measures)`` keeps.
@@ -228,7 +217,7 @@ def embed_tiles(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        pin_memory=device.startswith("cuda"),
+        pin_memory=torch.device(device).type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None,
     )
     with torch.inference_mode(), tqdm(total=n, desc=desc, unit="tile", leave=False) as bar:
@@ -302,7 +291,7 @@ def cached_embed(
     select: Selector | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     desc: str = "embedding tiles",
 ) -> Embedded:
     """``embed_tiles`` that only reads tiles the cache at ``cache_path`` does not cover.

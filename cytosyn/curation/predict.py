@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from cytosyn.config import CurationConfig, PipelineConfig
 from cytosyn.curation.classifier import HeadEnsemble
-from cytosyn.curation.features import BackboneSetup, LazyBackbone, cached_embed, resolve_device, setup_from_heads
+from cytosyn.curation.features import BackboneSetup, LazyBackbone, cached_embed, setup_from_heads
 from cytosyn.curation.filters import FILTER_NAMES, MEASURE_NAMES, filter_reasons
 from cytosyn.curation.reread import open_recorded_slide
 from cytosyn.io import schema
@@ -30,6 +30,7 @@ from cytosyn.io.atomic import write_parquet_atomic, write_text_atomic
 from cytosyn.io.hashing import slide_rng, stable_hash
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.io.manifests import read_slides
+from cytosyn.nn.device import resolve_device
 from cytosyn.tiling.extract import extract_tiles
 
 PREDICT_REPORT_JSON = "predict_report.json"

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from cytosyn.config import CurationConfig
 from cytosyn.curation.classifier import HeadEnsemble, fit_head
-from cytosyn.curation.features import BackboneSetup, LazyBackbone, cached_embed, resolve_device
+from cytosyn.curation.features import BackboneSetup, LazyBackbone, cached_embed
+from cytosyn.nn.device import resolve_device
 from cytosyn.io.atomic import write_parquet_atomic, write_text_atomic
 from cytosyn.io.hashing import sha256_file
 

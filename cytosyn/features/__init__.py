@@ -8,7 +8,6 @@ from cytosyn.features.extract import (
     extract_features,
     load_extractor,
     resize_patch_tokens,
-    resolve_device,
 )
 from cytosyn.features.store import FeaturesError, FeatureStore, open_cls_rows, open_tokens, read_cls, read_index
 
@@ -26,5 +25,4 @@ __all__ = [
     "read_cls",
     "read_index",
     "resize_patch_tokens",
-    "resolve_device",
 ]

@@ -35,18 +35,11 @@ from cytosyn.io.hashing import sha256_file
 from cytosyn.io.images import read_png_rgb
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.nn.backbones import RANDOM_INIT, BackboneSpec, create_backbone, get_backbone_spec
+from cytosyn.nn.device import resolve_device
 
 # SiT-XL/2 on the 28×28 latent of a 224 px tile sees 14×14 tokens.
 TOKEN_GRID = 14
 INTERPOLATION = "bicubic-antialias"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FeaturesError("features.device is 'cuda' but no CUDA device is visible; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def resize_patch_tokens(patch_tokens: torch.Tensor, grid: int, out_grid: int = TOKEN_GRID) -> torch.Tensor:

@@ -98,6 +98,7 @@ def create_backbone(
     spec: BackboneSpec | str,
     weights: str | Path | None = None,
     weights_subkey: str | None = None,
+    init_seed: int = RANDOM_INIT_SEED,
     **timm_overrides,
 ) -> torch.nn.Module:
     """Build ``spec``'s architecture without a classification head, load ``weights``, freeze, eval mode.
@@ -110,8 +111,9 @@ def create_backbone(
     online = isinstance(weights, str) and weights.startswith("hf-hub:")
     random_init = weights == RANDOM_INIT
     with torch.random.fork_rng(devices=[]):
+        # Seeding inside fork_rng neither disturbs nor depends on anyone else's use of the global generator.
         if random_init:
-            torch.manual_seed(RANDOM_INIT_SEED)
+            torch.manual_seed(int(init_seed))
         model = timm.create_model(
             weights if online else spec.timm_name,
             pretrained=online,

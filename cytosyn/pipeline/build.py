@@ -133,12 +133,11 @@ def run_model_stages(layout: DatasetLayout, cfg: PipelineConfig) -> list[str]:
             return errors
     if cfg.features is not None:
         from cytosyn.features import extract_features
-        from cytosyn.features.store import FeaturesError
 
         try:
             features = extract_features(layout, cfg)
-        except FeaturesError as exc:
-            return [str(exc)]
+        except ValueError as exc:  # a bad features setting (FeaturesError, WeightsError, device)
+            return [" ".join(str(exc).split())]
         if not features.ok:
             return features.errors
     if cfg.shards is not None:
