@@ -38,7 +38,8 @@ from cytosyn.config import CurationConfig  # noqa: E402
 from cytosyn.curation.classifier import HeadEnsemble  # noqa: E402
 from cytosyn.curation.features import backbone_setup, embed_tiles, load_backbone  # noqa: E402
 from cytosyn.curation.train import cross_validate  # noqa: E402
-from cytosyn.io.images import read_png_rgb, to_normalised_tensor  # noqa: E402
+from cytosyn.io.images import read_png_rgb  # noqa: E402
+from cytosyn.nn.backbones import to_normalised_tensor  # noqa: E402
 from cytosyn.slides import open_slide  # noqa: E402
 from cytosyn.slides.synthetic import write_synthetic_slide  # noqa: E402
 from cytosyn.tiling.extract import encode_png  # noqa: E402

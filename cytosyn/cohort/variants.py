@@ -25,6 +25,7 @@ from cytosyn.cohort.splits import split_mask
 from cytosyn.io import schema
 from cytosyn.io.atomic import write_bytes_atomic, write_parquet_atomic
 from cytosyn.io.hashing import sha256_bytes
+from cytosyn.io.images import read_png_rgb
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.io.manifests import read_slides
 from cytosyn.parallel import map_unordered
@@ -125,8 +126,6 @@ def _reader(layout: DatasetLayout, job: _VariantJob, rows: pd.DataFrame):
     if (rows["size_px"] == job.size_px).all():
         if job.source != "tiles":
             raise FileNotFoundError(f"{layout.tiles_path(job.slide_id)}: no extracted tiles to re-encode; run `cytosyn data build` first")
-        from cytosyn.io.images import read_png_rgb  # imports torch: only when PNGs are re-encoded
-
         by_id = dict(zip(rows["tile_id"], rows["image_path"]))
         return (lambda row: read_png_rgb(layout.resolve(by_id[row.tile_id]))), None
     if (rows["size_px"] > job.size_px).any():

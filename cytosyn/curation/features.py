@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from cytosyn.curation.filters import MEASURE_NAMES, tile_measures
 from cytosyn.io.atomic import write_parquet_atomic
 from cytosyn.io.hashing import sha256_file, stable_hash
-from cytosyn.io.images import read_png_rgb, to_normalised_tensor
-from cytosyn.nn.backbones import RANDOM_INIT, create_backbone, get_backbone_spec, with_overrides
+from cytosyn.io.images import read_png_rgb
+from cytosyn.nn.backbones import RANDOM_INIT, create_backbone, get_backbone_spec, to_normalised_tensor, with_overrides
 
 
 class BackboneMismatchError(ValueError):

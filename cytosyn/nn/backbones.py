@@ -8,8 +8,11 @@ initialisation explicitly — the demo's stand-in where no pretrained weights ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 import timm
 import torch
@@ -127,6 +130,14 @@ def create_backbone(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def to_normalised_tensor(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """HWC uint8 RGB → CHW float32, (x/255 − mean)/std: a backbone's input."""
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
 
 
 def with_overrides(spec: BackboneSpec, **changes) -> BackboneSpec:
