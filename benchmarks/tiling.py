@@ -5,7 +5,7 @@ reads the same regions with the backend's `read_region`, resizes them with cv2 a
 encodes them with `cv2.imencode` in a bare loop (no files, no checksums, no manifest). Both run in the
 same process, interleaved, three times, and the best of each is kept.
 
-    python benchmarks/tiling.py [--size 20480] [--tiles 600]
+    python benchmarks/tiling.py [--size 20480] [--tiles 800]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def floor_loop(slide, cells: pd.DataFrame) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=20480, help="slide side in level-0 pixels")
-    ap.add_argument("--tiles", type=int, default=600, help="tiles per measured pass")
+    ap.add_argument("--tiles", type=int, default=800, help="tiles per measured pass")
     ap.add_argument("--backend", default="openslide")
     ap.add_argument("--keep", type=Path, help="folder to keep the synthetic slide in between runs")
     args = ap.parse_args()

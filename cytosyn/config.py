@@ -147,6 +147,10 @@ class PipelineConfig(_Section):
             field, _ = needs[s.source]
             hint = " (or pass --slides DIR)" if s.source == "folder" else ""
             raise ValueError(f"slides.source is '{s.source}' but {field} is not set{hint}")
+        if s.source == "gdc" and s.folder is None:
+            raise ValueError("slides.source is 'gdc' but slides.folder (where the GDC downloads are) is not set")
+        if self.shards is not None and self.features is None:
+            raise ValueError("shards need features: add a `features:` section (see pipelines/demo.yaml)")
         return self
 
 

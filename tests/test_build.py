@@ -219,3 +219,30 @@ def test_slide_info_json(cmu_slide):
     assert 0.3 < facts["tissue_area_mm2"] < 1.0
     res = run_cli("slide", "info", shared_file("slides/boxes.tiff"))
     assert res.returncode == 1 and "--mpp" in res.stderr
+
+
+def test_a_build_where_every_slide_fails_still_reports(tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "TCGA-A2-A0D0-01Z-00-DX1.TEXT.svs").write_text("not a slide\n")
+    res = run_cli("data", "build", write_config(tmp_path / "p.yaml"), "--slides", folder, "--out", tmp_path / "ds")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "TEXT.svs" in res.stderr
+    assert (tmp_path / "ds" / "reports" / "build.md").exists()
+
+
+def test_a_wrong_slide_folder_is_one_line_and_can_be_corrected(tmp_path, cmu_slide):
+    cfg = write_config(tmp_path / "p.yaml")
+    out = tmp_path / "ds"
+    res = run_cli("data", "build", cfg, "--slides", tmp_path / "nowhere", "--out", out)
+    assert res.returncode == 2 and "nowhere" in res.stderr and "Traceback" not in res.stderr
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(cmu_slide, folder / cmu_slide.name)
+    assert run_cli("data", "build", cfg, "--slides", folder, "--out", out).returncode == 0
+
+
+def test_shards_without_features_is_a_config_error(tmp_path):
+    cfg = write_config(tmp_path / "p.yaml", shards={"shard_size": 8})
+    res = run_cli("data", "build", cfg, "--slides", tmp_path, "--out", tmp_path / "ds")
+    assert res.returncode == 2 and "shards need features" in res.stderr

@@ -51,7 +51,7 @@ def build(
     root = out or (DEMO_OUT if pipeline is None else Path(cfg.name))
     try:
         result = build_dataset(cfg, root)
-    except ConfigError as exc:
+    except (ConfigError, ValueError, FileNotFoundError) as exc:  # a missing slide folder, a bad slide CSV
         raise fail(exc) from None
     _print_summary(result.slides)
     console.print(f"dataset: {result.root}  (report: {result.root / 'reports' / 'build.md'})")

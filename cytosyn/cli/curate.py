@@ -29,7 +29,7 @@ Config = Annotated[Optional[Path], typer.Option("--config", help="pipeline YAML 
 
 # Every curation error (ConfigError, AnnotationsError, TrainingError, HeadsError, BackboneMismatchError,
 # WeightsError) is a ValueError.
-FATAL = (ValueError, FileNotFoundError, KeyError)
+FATAL = (ValueError, FileNotFoundError)
 
 
 def _value(text: str) -> int | float | bool | str:

@@ -43,7 +43,7 @@ def features(
     try:
         fcfg, _, _ = _dataset_config(layout, {"features": {k: v for k, v in options.items() if v is not None}})
         result = compute_features(layout, fcfg)
-    except (ValueError, KeyError) as exc:  # ConfigError, FeaturesError, WeightsError are ValueErrors
+    except ValueError as exc:  # ConfigError, FeaturesError, WeightsError, an unknown backbone
         raise fail(exc) from None
     typer.echo(
         f"features: {result.out_dir}  rows={result.rows} chunks={result.chunks} computed={result.computed} "

@@ -118,7 +118,10 @@ def provenance(extractor: TokenExtractor, fcfg: FeaturesConfig) -> dict:
         "timm_name": extractor.spec.timm_name,
         "timm_overrides": {k: fcfg.timm_overrides[k] for k in sorted(fcfg.timm_overrides)},
         "weights": weights,
-        "weights_sha256": sha256_file(weights) if local else None,
+        # Identifies the weights: the file's hash, else the hub name or the random init itself.
+        "weights_sha256": sha256_file(weights) if local else weights,
+        # bf16 autocast on CUDA gives other numbers than fp32 on the CPU: never mix them in one store.
+        "compute_dtype": "bfloat16" if extractor.cuda else "float32",
         "num_prefix_tokens": extractor.spec.num_prefix_tokens,
         "source_grid": extractor.grid,
         "token_grid": TOKEN_GRID,

@@ -51,6 +51,7 @@ IDENTITY_KEYS = (
     "timm_name",
     "timm_overrides",
     "weights_sha256",
+    "compute_dtype",
     "num_prefix_tokens",
     "source_grid",
     "token_grid",
@@ -216,7 +217,8 @@ def _create_cls_npy(path: Path, rows: int, dim: int) -> None:
             # A sparse file: untouched rows take no disk space until a chunk writes them.
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dim)).flush()
         else:
-            np.save(tmp, np.zeros((0, dim), dtype=np.float32))
+            with open(tmp, "wb") as fh:  # np.save on a path would append ".npy" to the temporary name
+                np.save(fh, np.zeros((0, dim), dtype=np.float32))
 
 
 def _identity(attrs: dict) -> dict:

@@ -35,10 +35,6 @@ def _read_folder(folder: Path, empty_schema: pa.Schema, columns: list[str] | Non
     return table.to_pandas()
 
 
-def read_candidates(layout: DatasetLayout, columns: list[str] | None = None) -> pd.DataFrame:
-    return _read_folder(layout.candidates_dir, schema.CANDIDATES, columns)
-
-
 def read_selection(layout: DatasetLayout, columns: list[str] | None = None) -> pd.DataFrame:
     return _read_folder(layout.selection_dir, schema.SELECTION, columns)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pyarrow as pa
 
 SPLITS = ("train", "val_in", "val_out", "guidance")
-SLIDE_STATUSES = ("ok", "error", "excluded")
 
 SLIDES = pa.schema(
     [

@@ -41,11 +41,6 @@ class BackboneSpec:
     timm_kwargs: dict = field(default_factory=dict)
     hf_hub: str | None = None
 
-    @property
-    def patch_grid(self) -> int:
-        patch = self.timm_kwargs.get("patch_size") or int(self.timm_name.split("patch")[1].split("_")[0])
-        return self.img_size // patch
-
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
@@ -61,7 +56,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown backbone '{name}'; registered: {', '.join(sorted(_REGISTRY))}") from None
+        raise ValueError(f"unknown backbone '{name}'; registered: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def list_backbones() -> list[str]:

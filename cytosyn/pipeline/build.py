@@ -27,8 +27,13 @@ from cytosyn.tiling.grid import sample_cells
 
 # Columns the build tracks per slide but does not publish in slides.parquet.
 BUILD_ONLY_COLUMNS = ("n_candidates", "n_tiles", "mpp")
-# Settings that change how a build runs, never what it produces.
-RUNTIME_ONLY = ("workers", "dask_address")
+# Settings that change how a build runs, never what it produces (tests check batching and worker
+# counts do not change a byte).
+RUNTIME_ONLY = {
+    None: ("workers", "dask_address"),
+    "curation": ("batch_size", "num_workers", "device"),
+    "features": ("batch_size", "num_workers", "device"),
+}
 
 
 @dataclass
@@ -42,10 +47,21 @@ class BuildResult:
         return not self.errors
 
 
+def _without_runtime_settings(cfg: PipelineConfig) -> PipelineConfig:
+    top = {k: PipelineConfig.model_fields[k].default for k in RUNTIME_ONLY[None]}
+    for section, fields in RUNTIME_ONLY.items():
+        value = getattr(cfg, section) if section else None
+        if value is not None:
+            top[section] = value.model_copy(update={f: type(value).model_fields[f].default for f in fields})
+    return cfg.model_copy(update=top)
+
+
 def _check_provenance(layout: DatasetLayout, cfg: PipelineConfig) -> None:
     """A dataset root belongs to one config; mixing two would silently corrupt it."""
-    text = dump_config(cfg.model_copy(update={k: None if k == "dask_address" else 1 for k in RUNTIME_ONLY}))
-    if not layout.pipeline_yaml.exists():
+    text = dump_config(_without_runtime_settings(cfg))
+    # Until slides.parquet exists nothing was built from the recorded config, so a corrected
+    # config may replace it (e.g. after a wrong --slides).
+    if not layout.pipeline_yaml.exists() or not layout.slides_parquet.exists():
         write_text_atomic(layout.pipeline_yaml, text)
     elif layout.pipeline_yaml.read_text() != text:
         raise ConfigError(
@@ -140,21 +156,26 @@ def run_model_stages(layout: DatasetLayout, cfg: PipelineConfig) -> list[str]:
             return [" ".join(str(exc).split())]
         if not features.ok:
             return features.errors
+    errors: list[str] = []
     if cfg.shards is not None:
         from cytosyn.shards import write_shards
 
         for split in cfg.shards.splits:
-            write_shards(layout, cfg, split)
-    return []
+            try:
+                errors += write_shards(layout, cfg, split).errors
+            except ValueError as exc:  # ShardsError: nothing to shard, features missing
+                errors.append(" ".join(str(exc).split()))
+    return errors
 
 
 def build_dataset(cfg: PipelineConfig, out: str | Path) -> BuildResult:
     layout = DatasetLayout(Path(out).resolve())
     layout.root.mkdir(parents=True, exist_ok=True)
-    _check_provenance(layout, cfg)
-    remove_stale_temporaries(layout.root)
-
     slides = take_inventory(cfg, layout)
+    _check_provenance(layout, cfg)
+    for folder in (layout.masks_dir, layout.candidates_dir, layout.selection_dir, layout.tiles_dir, layout.qc_dir, layout.images_dir):
+        remove_stale_temporaries(folder)
+
     jobs = _jobs(layout, slides, cfg)
     run = dict(workers=cfg.workers, dask_address=cfg.dask_address)
 
@@ -162,21 +183,22 @@ def build_dataset(cfg: PipelineConfig, out: str | Path) -> BuildResult:
     slides = _merge(slides, scans)
     write_slides_manifest(layout, slides)
 
+    selection_errors: list[str] = []
     if cfg.cohort is None:
         select_per_slide(layout, slides, cfg)
     else:
-        write_cohort_selection(layout, cfg)
+        selection_errors = write_cohort_selection(layout, cfg).errors
         # The cohort stage adds the slide-level split to slides.parquet; carry it forward.
         splits = pd.read_parquet(layout.slides_parquet, columns=["slide_id", "split"])
         slides = slides.drop(columns=["split"], errors="ignore").merge(splits, on="slide_id", how="left")
 
-    ok_ids = set(slides.loc[slides["status"] == "ok", "slide_id"])
+    ok_ids = {p.stem for p in layout.selection_dir.glob("*.parquet")} & set(slides.loc[slides["status"] == "ok", "slide_id"])
     extractions = list(map_unordered(extract_slide, [j for j in jobs if j.slide_id in ok_ids], desc="tiles", **run))
     slides = _merge(slides, extractions)
     write_slides_manifest(layout, slides)
 
     slides = slides.sort_values("slide_id", kind="stable").reset_index(drop=True)
-    errors = [e for e in slides.loc[slides["status"] == "error", "error"].tolist() if e]
+    errors = [e for e in slides.loc[slides["status"] == "error", "error"].tolist() if e] + selection_errors
     errors += run_model_stages(layout, cfg)
     result = BuildResult(layout.root, slides, errors)
     write_build_report(layout, cfg, result.slides)

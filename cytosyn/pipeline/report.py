@@ -27,19 +27,22 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 def summary_frame(slides: pd.DataFrame) -> pd.DataFrame:
     """Per-slide summary rows shown on the console and in the report."""
-    frame = pd.DataFrame(
+    def column(name: str) -> pd.Series:
+        # A build where no slide could be opened has no per-slide results at all.
+        return slides[name] if name in slides else pd.Series(pd.NA, index=slides.index, dtype=object)
+
+    return pd.DataFrame(
         {
             "slide_id": slides["slide_id"],
-            "project": slides["project"],
+            "project": column("project"),
             "status": slides["status"],
-            "mpp": pd.to_numeric(slides.get("mpp_x"), errors="coerce").round(4),
-            "mpp source": slides.get("mpp_source"),
-            "candidates": pd.to_numeric(slides.get("n_candidates"), errors="coerce").astype("Int64"),
-            "tiles": pd.to_numeric(slides.get("n_tiles"), errors="coerce").astype("Int64"),
-            "error": slides["error"],
+            "mpp": pd.to_numeric(column("mpp_x"), errors="coerce").round(4),
+            "mpp source": column("mpp_source"),
+            "candidates": pd.to_numeric(column("n_candidates"), errors="coerce").astype("Int64"),
+            "tiles": pd.to_numeric(column("n_tiles"), errors="coerce").astype("Int64"),
+            "error": column("error"),
         }
     )
-    return frame
 
 
 def _tiles_per_project_png(slides: pd.DataFrame) -> bytes:
@@ -48,7 +51,8 @@ def _tiles_per_project_png(slides: pd.DataFrame) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = pd.to_numeric(slides.get("n_tiles"), errors="coerce").fillna(0).groupby(slides["project"].fillna("?")).sum().sort_index()
+    summary = summary_frame(slides)
+    counts = summary["tiles"].fillna(0).astype(int).groupby(summary["project"].fillna("?")).sum().sort_index()
     fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
     ax.bar(counts.index.astype(str), counts.values, color="#a0446e")
     ax.set_ylabel("tiles")
@@ -103,7 +107,7 @@ def write_build_report(layout: DatasetLayout, cfg: PipelineConfig, slides: pd.Da
     n_ok = int((slides["status"] == "ok").sum())
     n_err = int((slides["status"] == "error").sum())
     n_excl = int((slides["status"] == "excluded").sum())
-    tiles = int(pd.to_numeric(slides.get("n_tiles"), errors="coerce").fillna(0).sum())
+    tiles = int(summary["tiles"].fillna(0).sum())
     parts = [
         f"# Build report: {cfg.name}",
         "",

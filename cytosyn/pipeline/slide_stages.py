@@ -97,7 +97,13 @@ def extract_slide(job: SlideJob) -> dict:
         tiling = job.cfg.tiling
         with _open(job) as slide:
             tiles = extract_tiles(slide, selection, layout, job.project, tiling.png_compression)
-            mask = cv2.imread(str(layout.mask_path(job.slide_id)), cv2.IMREAD_GRAYSCALE) > 0
+            mask_png = cv2.imread(str(layout.mask_path(job.slide_id)), cv2.IMREAD_GRAYSCALE)
+            if mask_png is None:
+                raise FileNotFoundError(
+                    f"{layout.mask_path(job.slide_id)}: tissue mask missing; delete "
+                    f"{layout.candidates_path(job.slide_id)} and rerun the build to recompute both"
+                )
+            mask = mask_png > 0
             fp = slide.footprint(tiling.size_px, tiling.mpp)
             # The thumbnail is drawn finer than the mask so that single tiles stay visible.
             w, h = slide.dimensions

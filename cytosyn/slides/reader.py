@@ -21,8 +21,9 @@ Backend = Literal["auto", "openslide", "tiffslide"]
 # A level counts as "not coarser" than the target when within this relative tolerance, so a
 # 0.5020 µm/px level serves a 0.5 µm/px target instead of dropping to a 2× finer level.
 LEVEL_TOLERANCE = 0.01
-# Whole-level reads (masks, thumbnails) go in strips of this many rows to bound memory.
-STRIP_ROWS = 4096
+# Whole-level reads (masks, thumbnails) go in strips of about this many pixels (128 MiB of RGBA),
+# so a wide slide without a pyramid does not need its whole level in memory.
+STRIP_PIXELS = 1 << 25
 
 
 class SlideError(RuntimeError):
@@ -165,9 +166,10 @@ class Slide:
         out_w = max(1, math.ceil(w0 * self.mpp_x / mpp))
         out_h = max(1, math.ceil(h0 * self.mpp_y / mpp))
         scale_y = out_h / lh
+        strip_rows = max(1, STRIP_PIXELS // lw)
         rows = []
-        for top in range(0, lh, STRIP_ROWS):
-            strip_h = min(STRIP_ROWS, lh - top)
+        for top in range(0, lh, strip_rows):
+            strip_h = min(strip_rows, lh - top)
             strip = self.read_region(0, int(round(top * down)), level, lw, strip_h)
             out_top, out_bottom = int(round(top * scale_y)), int(round((top + strip_h) * scale_y))
             if out_bottom > out_top:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import cv2
 import numpy as np
 import pandas as pd
@@ -29,7 +27,6 @@ def extract_tiles(
     layout: DatasetLayout,
     project: str,
     png_compression: int = 1,
-    on_tile: Callable[[], None] | None = None,
 ) -> pd.DataFrame:
     """Write every selected tile that is not on disk yet; return TILES rows in selection order.
 
@@ -52,8 +49,6 @@ def extract_tiles(
             write_bytes_atomic(target, data)
         image_paths.append(rel)
         checksums.append(sha256_bytes(data))
-        if on_tile is not None:
-            on_tile()
     tiles = selection.copy()
     tiles["image_path"] = image_paths
     tiles["image_sha256"] = checksums
