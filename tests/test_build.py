@@ -95,7 +95,8 @@ def _build_args(cfg: Path, folder: Path, out: Path, workers: int = 1) -> list[st
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_byte_identical(tmp_path, synthetic_folder):
-    cfg = write_config(tmp_path / "p.yaml", tiling={"max_tiles_per_slide": 40, "png_compression": 6})
+    # Every candidate at the slowest PNG level: a wide window (seconds) for the kill to land mid-extraction.
+    cfg = write_config(tmp_path / "p.yaml", tiling={"max_tiles_per_slide": None, "png_compression": 9})
     assert run_cli(*_build_args(cfg, synthetic_folder, tmp_path / "clean")).returncode == 0
 
     killed = tmp_path / "killed"
