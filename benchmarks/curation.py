@@ -92,7 +92,7 @@ def make_tiles(work: Path, n: int) -> list[Path]:
 def backbone(paths: list[Path], batch_size: int, num_workers: int, depth: int, reps: int, work: Path) -> None:
     overrides = {"depth": depth} if depth != 12 else {}
     torch.manual_seed(0)
-    random_weights = load_backbone(backbone_setup(CurationConfig(timm_overrides=overrides), 0)).state_dict()
+    random_weights = load_backbone(backbone_setup(CurationConfig(weights="random-init", timm_overrides=overrides), 0)).state_dict()
     weights = work / "vit_s.safetensors"
     save_file({k: v.contiguous() for k, v in random_weights.items()}, str(weights))
     setup = backbone_setup(CurationConfig(weights=weights, timm_overrides=overrides), 0)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -68,7 +68,12 @@ class CurationConfig(_Section):
     architecture: str | None = Field(default=None, description="timm architecture replacing the backbone's own")
     timm_overrides: dict[str, int | float | str | bool] = Field(default_factory=dict, description="e.g. {depth: 4}")
     heads: Path | None = Field(default=None, description="trained heads folder; the build then curates with them (else the demo trains on ground truth)")
-    weights: Path | None = Field(default=None, description="local weights; None = random init (demo only)")
+    weights: str | None = Field(default=None, description="local weights file (an iBOT/DINO teacher checkpoint works), or random-init (demo)")
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
     weights_subkey: str | None = None
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=0, ge=0)

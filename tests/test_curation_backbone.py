@@ -107,7 +107,7 @@ def test_a_plain_state_dict_loads(tmp_path):
 
 
 def test_random_init_is_seeded_and_leaves_the_global_generator_alone():
-    cfg = CurationConfig(timm_overrides={"depth": 2})
+    cfg = CurationConfig(weights="random-init", timm_overrides={"depth": 2})
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
@@ -145,10 +145,16 @@ def test_embedding_reports_an_unreadable_tile_and_goes_on(tmp_path):
     bad.write_bytes(b"not a png")
     small = tmp_path / "small.png"
     cv2.imwrite(str(small), rng.integers(0, 255, (100, 100, 3), dtype=np.uint8))
-    setup = backbone_setup(CurationConfig(timm_overrides={"depth": 2}), 0)
+    setup = backbone_setup(CurationConfig(weights="random-init", timm_overrides={"depth": 2}), 0)
     out = embed_tiles(load_backbone(setup), setup, [good, bad, small, good], white_level=220, batch_size=3)
     assert out.embedded.tolist() == [True, False, False, True]
     assert "bad.png" in out.errors[1] and "rerun the tiling stage" in out.errors[1]
     assert "100×100" in out.errors[2]
     assert np.array_equal(out.features[0], out.features[3])  # same tile, different batch: same features
     assert np.isnan(out.measures[1]).all() and not np.isnan(out.measures[0]).any()
+
+
+def test_missing_weights_is_an_error_that_names_both_ways_out():
+    with pytest.raises(ValueError, match="curation.weights") as err:
+        backbone_setup(CurationConfig(), 0)
+    assert "random-init" in str(err.value)

@@ -32,7 +32,8 @@ SLIDES = [
     ("TCGA-A2-A0CM-01Z-00-DX1", ()),
     ("TCGA-A6-2671-01Z-00-DX1", ()),
 ]
-DEPTH = ("--timm-override", "depth=2")  # the real ViT-S layout, two blocks: same features shape, 6× faster
+# The real ViT-S layout with two blocks (same feature shape, 6× faster), randomly initialised.
+DEPTH = ("--timm-override", "depth=2", "--weights", "random-init")
 
 
 def _raw_config(slides: Path) -> dict:
@@ -252,7 +253,7 @@ def test_missing_heads_is_a_clear_error(dataset):
 
 
 def test_demo_curation_reports_held_out_numbers(dataset):
-    raw = _raw_config(dataset.parent / "unused") | {"curation": {"timm_overrides": {"depth": 2}, "top_up": True}}
+    raw = _raw_config(dataset.parent / "unused") | {"curation": {"weights": "random-init", "timm_overrides": {"depth": 2}, "top_up": True}}
     cfg = parse_config(raw)
     layout = DatasetLayout(dataset)
     summary = run_demo_curation(layout, cfg)

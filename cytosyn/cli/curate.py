@@ -18,7 +18,7 @@ from cytosyn.io.layout import DatasetLayout
 curate_app = typer.Typer(no_args_is_help=True, help="Artifact curation: fold heads on frozen ViT-S features.")
 
 Backbone = Annotated[Optional[str], typer.Option(help="registered backbone (default from config: ibot-vit-s)")]
-Weights = Annotated[Optional[Path], typer.Option(help="local backbone weights: .safetensors, or a torch file (iBOT/DINO teacher checkpoints work)")]
+Weights = Annotated[Optional[str], typer.Option(help="local backbone weights: .safetensors, or a torch file (iBOT/DINO teacher checkpoints work); random-init for a demo")]
 Subkey = Annotated[Optional[str], typer.Option(help="entry of the checkpoint holding the weights (e.g. teacher)")]
 Override = Annotated[Optional[list[str]], typer.Option("--timm-override", help="architecture override KEY=VALUE for timm, repeatable (e.g. depth=4)")]
 BatchSize = Annotated[Optional[int], typer.Option(min=1, help="tiles per forward pass")]
@@ -43,7 +43,7 @@ def _value(text: str) -> int | float | bool | str:
 
 def _curation_overrides(**options) -> dict:
     overrides = {k: v for k, v in options.items() if v is not None and k != "timm_override"}
-    if "weights" in overrides:
+    if "weights" in overrides and overrides["weights"] != "random-init":
         overrides["weights"] = str(Path(overrides["weights"]).resolve())
     if options.get("timm_override"):
         pairs = {}
@@ -132,7 +132,7 @@ def predict(
     dataset: Annotated[Path, typer.Argument(help="dataset root built by `cytosyn data build`")],
     heads: Annotated[Optional[Path], typer.Option(help="heads folder (default: DATASET/curation/heads)")] = None,
     config: Config = None,
-    weights: Annotated[Optional[Path], typer.Option(help="backbone weights the heads were trained with (default: the path recorded in the heads)")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="backbone weights the heads were trained with (default: the path recorded in the heads)")] = None,
     weights_subkey: Subkey = None,
     threshold: Threshold = None,
     top_up: Annotated[Optional[bool], typer.Option("--top-up/--no-top-up", help="replace removed tiles with unused cells of the same slide")] = None,

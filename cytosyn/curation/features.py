@@ -73,7 +73,12 @@ def backbone_setup(ccfg, seed: int) -> BackboneSetup:
     """The setup a ``CurationConfig`` asks for; hashes the weights file when there is one."""
     spec = get_backbone_spec(ccfg.backbone)
     timm_name = ccfg.architecture or spec.timm_name
-    weights = str(ccfg.weights) if ccfg.weights is not None else None
+    if ccfg.weights is None:
+        raise ValueError(
+            "no weights for the curation backbone: set curation.weights (or --weights) to a local file — "
+            f"an iBOT/DINO teacher checkpoint works — or to {RANDOM_INIT} for a demo with a random network"
+        )
+    weights = None if ccfg.weights == RANDOM_INIT else str(ccfg.weights)
     return BackboneSetup(
         name=spec.name,
         timm_name=timm_name,
@@ -97,13 +102,13 @@ def setup_from_heads(recorded: dict, weights: str | Path | None, weights_subkey:
     fields = {k: recorded[k] for k in ("name", "timm_name", "timm_overrides", "img_size", "weights_sha256", "init_seed")}
     setup = BackboneSetup(**fields, mean=tuple(recorded["mean"]), std=tuple(recorded["std"]))
     if setup.random_init:
-        if weights is not None:
+        if weights is not None and str(weights) != RANDOM_INIT:
             raise BackboneMismatchError(
                 f"{weights}: the heads were trained on a randomly initialised backbone; drop --weights or retrain with these weights"
             )
         return setup
     path = str(weights) if weights is not None else recorded.get("weights")
-    if path is None or not Path(path).is_file():
+    if path is None or path == RANDOM_INIT or not Path(path).is_file():
         raise BackboneMismatchError(
             f"{path}: backbone weights not found; pass the file the heads were trained with (sha256 {setup.weights_sha256[:12]}…) with --weights"
         )
