@@ -9,6 +9,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+# File extensions a folder of slides is searched for (OpenSlide's formats and DICOM).
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".dcm")
+
+
 class _Section(BaseModel):
     # Unknown keys are typos far more often than intent: reject them at the door.
     model_config = ConfigDict(extra="forbid")
@@ -23,7 +27,7 @@ class SlidesConfig(_Section):
     csv: Path | None = None
     gdc_manifests: list[Path] = Field(default_factory=list)
     recursive: bool = True
-    extensions: list[str] = Field(default_factory=lambda: [".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".dcm"])
+    extensions: list[str] = Field(default_factory=lambda: list(SLIDE_EXTENSIONS))
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"
     mpp: float | None = Field(default=None, gt=0, description="override for every slide (µm/px)")
     objective_power_fallback: bool = False

@@ -13,11 +13,11 @@ from pydantic import ValidationError
 from cytosyn.cli.common import exit_on_errors, fail
 from cytosyn.cohort.audit import audit_dataset
 from cytosyn.cohort.barcodes import looks_like_tcga
-from cytosyn.cohort.inventory import DEFAULT_EXTENSIONS, inventory_from_csv, inventory_from_folder, inventory_from_gdc_manifests
+from cytosyn.cohort.inventory import inventory_from_csv, inventory_from_folder, inventory_from_gdc_manifests
 from cytosyn.cohort.selection import select_tiles, write_slide_split
 from cytosyn.cohort.splits import CANONICAL_COLUMNS, CANONICAL_SEED, canonical_val_out
 from cytosyn.cohort.tcga import canonical_val_out_path
-from cytosyn.config import CohortConfig, ConfigError, load_config
+from cytosyn.config import SLIDE_EXTENSIONS, CohortConfig, ConfigError, load_config
 from cytosyn.io.atomic import write_text_atomic
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.io.manifests import read_slides
@@ -51,7 +51,7 @@ def _take_inventory(gdc: list[Path], slides: Path | None, inventory: Path | None
     if gdc:
         return inventory_from_gdc_manifests(gdc_manifest_files(gdc), diagnostic_only=diagnostic_only)
     if slides is not None:
-        return inventory_from_folder(slides, names, DEFAULT_EXTENSIONS, True, metadata, diagnostic_only)
+        return inventory_from_folder(slides, names, SLIDE_EXTENSIONS, True, metadata, diagnostic_only)
     return inventory_from_csv(inventory, names, diagnostic_only)
 
 

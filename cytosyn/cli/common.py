@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import typer
 
+from cytosyn.errors import one_line
+
 MAX_LISTED = 50
 
 
 def fail(problem: object, code: int = 2) -> typer.Exit:
     """Print ``error: <problem>`` on one line to stderr; return the Exit for the caller to raise."""
-    typer.echo(f"error: {' '.join(str(problem).split())}", err=True)
+    typer.echo(f"error: {one_line(problem, limit=2000)}", err=True)
     return typer.Exit(code)
 
 

@@ -20,12 +20,12 @@ import pandas as pd
 
 from cytosyn.cohort import tcga
 from cytosyn.cohort.barcodes import BarcodeError, barcode_part, looks_like_tcga, parse_barcode
+from cytosyn.config import SLIDE_EXTENSIONS
 
 INVENTORY_COLUMNS = ["slide_id", "path", "patient_id", "tss_code", "project", "sample_type", "slide_type", "status", "error"]
 METADATA_COLUMNS = ("patient_id", "tss_code", "project", "sample_type", "slide_type", "mpp")
 GENERIC_PROJECT = "generic"
 DIAGNOSTIC = "DX"
-DEFAULT_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".dcm")
 
 _GDC_PROJECT = re.compile(r"TCGA-([0-9A-Z]+)")
 # Internal columns used to resolve duplicates deterministically; dropped before returning.
@@ -200,7 +200,7 @@ def _one_file_per_dicom_series(files: list[Path]) -> list[Path]:
 def inventory_from_folder(
     folder: str | Path,
     kind: str = "auto",
-    extensions: Sequence[str] = DEFAULT_EXTENSIONS,
+    extensions: Sequence[str] = SLIDE_EXTENSIONS,
     recursive: bool = True,
     metadata_csv: str | Path | None = None,
     diagnostic_only: bool = True,

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from cytosyn.cohort.splits import GUIDANCE, TRAIN, VAL_IN, VAL_OUT, SlideSplitReport, assign_slide_splits, rounding_floor_tvd
 from cytosyn.cohort.stratify import apportion, tvd
 from cytosyn.config import CohortConfig, ConfigError, PipelineConfig
+from cytosyn.errors import one_line
 from cytosyn.io import schema
 from cytosyn.io.atomic import write_parquet_atomic, write_text_atomic
 from cytosyn.io.hashing import slide_rng, stable_hash
@@ -139,7 +140,7 @@ def _select_slide(job: _SlideJob) -> dict:
         write_slide_selection(layout, job.slide_id, picked)
         return {"slide_id": job.slide_id, "error": None}
     except Exception as exc:  # one unreadable candidate file must not stop the other slides
-        reason = f"{exc.__class__.__name__}: {' '.join(str(exc).split())}"
+        reason = f"{exc.__class__.__name__}: {one_line(exc)}"
         return {"slide_id": job.slide_id, "error": f"{layout.candidates_path(job.slide_id)}: {reason}; rebuild this slide's candidates"}
 
 

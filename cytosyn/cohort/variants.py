@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from cytosyn.cohort.splits import split_mask
+from cytosyn.errors import one_line
 from cytosyn.io import schema
 from cytosyn.io.atomic import write_bytes_atomic, write_parquet_atomic
 from cytosyn.io.hashing import sha256_bytes
@@ -114,7 +115,7 @@ def _variant_slide(job: _VariantJob) -> dict:
         write_parquet_atomic(layout.variant_tiles_path(name, job.slide_id), out, schema.VARIANT_TILES)
         return {"slide_id": job.slide_id, "tiles": len(out), "error": None}
     except Exception as exc:  # one unreadable slide must not stop the others
-        text = " ".join(str(exc).split()) or exc.__class__.__name__
+        text = one_line(exc)
         return {"slide_id": job.slide_id, "tiles": 0, "error": f"{job.slide_path}: {text}"}
 
 

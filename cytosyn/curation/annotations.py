@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cytosyn.curation.reread import open_recorded_slide
+from cytosyn.errors import one_line
 from cytosyn.io.atomic import write_bytes_atomic
 from cytosyn.io.hashing import sha256_bytes, sha256_file, tile_id
 from cytosyn.io.layout import DatasetLayout
@@ -143,7 +144,7 @@ def _read_from_slides(layout: DatasetLayout, pending: list[dict], errors: list[s
         try:
             slide = open_recorded_slide(layout, slides.loc[slide_id])
         except Exception as exc:  # noqa: BLE001 - one unreadable slide skips its rows only
-            errors += [f"{r['_where']}: cannot open slide {slide_id}: {_one_line(exc)}" for r in recs]
+            errors += [f"{r['_where']}: cannot open slide {slide_id}: {one_line(exc)}" for r in recs]
             continue
         with slide:
             for r in recs:
@@ -157,14 +158,12 @@ def _read_from_slides(layout: DatasetLayout, pending: list[dict], errors: list[s
                         write_bytes_atomic(target, data)
                         sha = sha256_bytes(data)
                 except Exception as exc:  # noqa: BLE001
-                    errors.append(f"{r['_where']}: cannot read the tile from slide {slide_id}: {_one_line(exc)}")
+                    errors.append(f"{r['_where']}: cannot read the tile from slide {slide_id}: {one_line(exc)}")
                     continue
                 rows.append({k: v for k, v in r.items() if not k.startswith("_")} | {"image_path": str(target), "image_sha256": sha})
     return rows
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or exc.__class__.__name__
 
 
 def annotations_from_ground_truth(layout: DatasetLayout, artifact_min_fraction: float) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cytosyn.curation.filters import MEASURE_NAMES, tile_measures
+from cytosyn.errors import one_line
 from cytosyn.io.atomic import write_parquet_atomic
 from cytosyn.io.hashing import sha256_file, stable_hash
 from cytosyn.io.images import read_png_rgb
@@ -173,7 +174,7 @@ class _TileReads(Dataset):
             tensor = to_normalised_tensor(rgb, self.setup.mean, self.setup.std)
             return tensor, index, tile_measures(rgb, self.white_level), ""
         except Exception as exc:  # noqa: BLE001 - one bad tile is reported, never fatal
-            text = " ".join(str(exc).split()) or exc.__class__.__name__
+            text = one_line(exc)
             message = text if self.paths[index] in text else f"{self.paths[index]}: {text[:200]}"
             return torch.zeros(3, size, size), index, np.full(len(MEASURE_NAMES), np.nan, dtype=np.float32), message
 

@@ -25,6 +25,7 @@ from cytosyn.curation.classifier import HeadEnsemble
 from cytosyn.curation.features import BackboneSetup, LazyBackbone, cached_embed, setup_from_heads
 from cytosyn.curation.filters import FILTER_NAMES, MEASURE_NAMES, filter_reasons
 from cytosyn.curation.reread import open_recorded_slide
+from cytosyn.errors import one_line
 from cytosyn.io import schema
 from cytosyn.io.atomic import write_parquet_atomic, write_text_atomic
 from cytosyn.io.hashing import slide_rng, stable_hash
@@ -170,7 +171,7 @@ def predict_dataset(
         try:
             results.append(_curate_slide(run, slide_id))
         except Exception as exc:  # noqa: BLE001 - bad input never stops the batch
-            reason = " ".join(str(exc).split())[:400] or exc.__class__.__name__
+            reason = one_line(exc)
             results.append(SlideCuration(slide_id, status="error", error=reason))
     heads_dir = Path(heads_dir).resolve()
     shown = heads_dir.relative_to(layout.root) if heads_dir.is_relative_to(layout.root) else heads_dir

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from cytosyn.cohort.selection import write_cohort_selection
 from cytosyn.config import ConfigError, PipelineConfig, dump_config
+from cytosyn.errors import one_line
 from cytosyn.io import schema
 from cytosyn.io.atomic import remove_stale_temporaries, write_parquet_atomic, write_text_atomic
 from cytosyn.io.layout import DatasetLayout
@@ -96,17 +97,14 @@ def _merge(slides: pd.DataFrame, results: list[dict]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def select_per_slide(layout: DatasetLayout, slides: pd.DataFrame, cfg: PipelineConfig) -> int:
+def select_per_slide(layout: DatasetLayout, slides: pd.DataFrame, cfg: PipelineConfig) -> None:
     """Default selection: up to ``tiling.max_tiles_per_slide`` candidates per slide, all for training."""
-    total = 0
     for slide_id in slides.loc[slides["status"] == "ok", "slide_id"]:
         cands = pd.read_parquet(layout.candidates_path(slide_id))
         picked = sample_cells(cands, cfg.tiling.max_tiles_per_slide, cfg.seed, slide_id)
         picked["split"] = "train"
         picked["guidance"] = False
         write_slide_selection(layout, slide_id, picked)
-        total += len(picked)
-    return total
 
 
 def write_slides_manifest(layout: DatasetLayout, slides: pd.DataFrame) -> None:
@@ -144,7 +142,7 @@ def run_model_stages(layout: DatasetLayout, cfg: PipelineConfig) -> list[str]:
 
                 errors = run_demo_curation(layout, cfg).errors
         except (ValueError, FileNotFoundError) as exc:  # every curation error is one of these
-            return [" ".join(str(exc).split())]
+            return [one_line(exc)]
         if errors:
             return errors
     if cfg.features is not None:
@@ -153,7 +151,7 @@ def run_model_stages(layout: DatasetLayout, cfg: PipelineConfig) -> list[str]:
         try:
             features = extract_features(layout, cfg)
         except ValueError as exc:  # a bad features setting (FeaturesError, WeightsError, device)
-            return [" ".join(str(exc).split())]
+            return [one_line(exc)]
         if not features.ok:
             return features.errors
     errors: list[str] = []
@@ -164,7 +162,7 @@ def run_model_stages(layout: DatasetLayout, cfg: PipelineConfig) -> list[str]:
             try:
                 errors += write_shards(layout, cfg, split).errors
             except ValueError as exc:  # ShardsError: nothing to shard, features missing
-                errors.append(" ".join(str(exc).split()))
+                errors.append(one_line(exc))
     return errors
 
 

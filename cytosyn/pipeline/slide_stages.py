@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cytosyn.config import PipelineConfig
+from cytosyn.errors import one_line
 from cytosyn.io.atomic import write_bytes_atomic, write_parquet_atomic
 from cytosyn.io import schema
 from cytosyn.io.layout import DatasetLayout
@@ -49,8 +50,7 @@ def _level0_to(slide: Slide, mpp: float) -> tuple[float, float]:
 
 
 def _error_message(job: SlideJob, exc: BaseException) -> str:
-    text = str(exc) if isinstance(exc, SlideError) else f"{job.path}: {exc.__class__.__name__}: {' '.join(str(exc).split())}"
-    return text.splitlines()[0][:400]
+    return one_line(exc if isinstance(exc, SlideError) else f"{job.path}: {exc.__class__.__name__}: {exc}")
 
 
 def scan_slide(job: SlideJob) -> dict:

@@ -15,6 +15,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from cytosyn.errors import one_line
 from cytosyn.slides.mpp import MPP, MissingMPPError, objective_power, resolve_mpp
 
 Backend = Literal["auto", "openslide", "tiffslide"]
@@ -69,9 +70,6 @@ def _open_backend(path: Path, backend: str):
     raise ValueError(f"unknown backend '{backend}' (use auto, openslide or tiffslide)")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
-    return text[:200]
 
 
 class Slide:
@@ -125,7 +123,7 @@ class Slide:
                 arr = np.asarray(self._handle.read_region((int(x), int(y)), int(level), (int(w), int(h))))
         except Exception as exc:  # noqa: BLE001 - every backend failure becomes one readable error
             raise SlideError(
-                f"{self.path}: cannot read region ({x},{y}) level {level}: {_one_line(exc)}; the file may be truncated or corrupt — re-download it"
+                f"{self.path}: cannot read region ({x},{y}) level {level}: {one_line(exc)}; the file may be truncated or corrupt — re-download it"
             ) from None
         if arr.ndim == 3 and arr.shape[2] == 4:
             return composite_on_white(arr)
@@ -199,7 +197,7 @@ def open_slide(
         try:
             handle, used = _open_backend(path, name)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot open the file: try the next one
-            reasons.append(f"{name}: {_one_line(exc)}")
+            reasons.append(f"{name}: {one_line(exc)}")
             continue
         try:
             # Reading one pixel catches files whose header opens but whose pixel data is unreadable.
@@ -207,7 +205,7 @@ def open_slide(
             handle.read_region((0, 0), level, (1, 1))
         except Exception as exc:  # noqa: BLE001
             handle.close()
-            reasons.append(f"{name}: pixel data unreadable ({_one_line(exc)})")
+            reasons.append(f"{name}: pixel data unreadable ({one_line(exc)})")
             continue
         try:
             resolved = resolve_mpp(handle.properties, mpp, objective_power_fallback, name=str(path))
