@@ -37,7 +37,7 @@ def _value(text: str) -> int | float | bool | str:
         try:
             return cast(text)
         except ValueError:
-            pass
+            continue
     return {"true": True, "false": False}.get(text.lower(), text)
 
 

@@ -26,7 +26,7 @@ class MPP:
 
 
 class MissingMPPError(ValueError):
-    pass
+    """The slide has no usable MPP and none was given; the message says how to give one."""
 
 
 def _float(value: object) -> float | None:

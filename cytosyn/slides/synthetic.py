@@ -234,8 +234,9 @@ def demo_cohort(
 
 def _new_patient_code(rng: np.random.Generator, taken: set[str]) -> str:
     alphabet = np.array(list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
-    while (code := "".join(rng.choice(alphabet, 4))) in taken:
-        pass
+    code = "".join(rng.choice(alphabet, 4))
+    while code in taken:
+        code = "".join(rng.choice(alphabet, 4))
     taken.add(code)
     return code
 
