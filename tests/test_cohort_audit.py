@@ -125,3 +125,24 @@ def test_overlapping_pairs_matches_brute_force():
     assert overlapping_pairs(gx.ravel(), gy.ravel(), np.full(100, 444))[0].size == 0
     assert overlapping_pairs(gx.ravel(), gy.ravel(), np.full(100, 444), tolerance=0)[0].size > 0
     assert overlapping_pairs(np.array([0, 2]), np.array([0, 2]), np.array([444, 444]))[0].size == 1
+
+
+@pytest.mark.slow
+def test_audit_passes_on_a_curated_dataset_with_top_up(tmp_path):
+    """Top-up replacements stand in for removed tiles: the budget check counts the selection, not them."""
+    from cytosyn.config import parse_config
+    from cytosyn.io.manifests import topup_tile_ids
+    from cytosyn.pipeline.build import build_dataset
+
+    cfg = parse_config({
+        "slides": {"source": "synthetic-demo", "demo_slides": 6},
+        "cohort": {"kind": "tcga", "budget": 120, "val_out_slides": 2, "val_in_tiles": 20, "val_out_tiles": 30, "guidance_tiles": 20},
+        # A low threshold removes many tiles, so top-up has work to do.
+        "curation": {"weights": "random-init", "timm_overrides": {"depth": 2}, "top_up": True, "threshold": 0.2},
+    })
+    result = build_dataset(cfg, tmp_path / "ds")
+    assert result.ok, result.errors
+    layout = DatasetLayout(tmp_path / "ds")
+    assert topup_tile_ids(layout), "the threshold should have made curation draw replacements"
+    report = audit_dataset(layout)
+    assert report.ok, [c.violations for c in report.checks if c.violations]

@@ -20,7 +20,7 @@ from cytosyn.cohort.splits import GUIDANCE, TRAIN, VAL_IN, VAL_OUT, cohort_membe
 from cytosyn.cohort.stratify import tvd
 from cytosyn.io.schema import SPLITS
 from cytosyn.io.layout import DatasetLayout
-from cytosyn.io.manifests import read_slides
+from cytosyn.io.manifests import read_slides, topup_tile_ids
 
 MAX_EXAMPLES = 10
 TILE_COLUMNS = ["tile_id", "slide_id", "x", "y", "read_size_level0", "split", "guidance"]
@@ -168,7 +168,7 @@ def audit_dataset(layout: DatasetLayout, max_tvd: float = 0.05) -> AuditReport:
         where = ", ".join(f"{a} ({b})" for a, b in zip(group["slide_id"], group["split"]))
         patient_check.fail(f"patient {patient} is on both sides: {where}")
 
-    counts = _scan_tiles(files, slide_split, kind, tile_check, overlap_check)
+    counts = _scan_tiles(files, slide_split, kind, tile_check, overlap_check, topup_tile_ids(layout))
     if source == "none":
         tile_check.skipped = overlap_check.skipped = "no tiles/ or selection/ files"
 
@@ -190,8 +190,14 @@ def audit_dataset(layout: DatasetLayout, max_tvd: float = 0.05) -> AuditReport:
     return AuditReport(str(layout.root), source, kind, checks)
 
 
-def _scan_tiles(files: list[Path], slide_split: dict, kind: str, tile_check: Check, overlap_check: Check) -> pd.DataFrame:
-    """Per-slide tile counts of each split; records tile-level violations on the way."""
+def _scan_tiles(
+    files: list[Path], slide_split: dict, kind: str, tile_check: Check, overlap_check: Check, topups: set[str]
+) -> pd.DataFrame:
+    """Per-slide tile counts of each split; records tile-level violations on the way.
+
+    Curation's top-up replacements are checked like every tile but not counted against the selection's
+    budget: they stand in for removed tiles, which stay in the manifest with kept=False.
+    """
     rows = []
     allowed = {TRAIN: {TRAIN, VAL_IN}, VAL_OUT: {VAL_OUT}} if kind != "external" else {VAL_OUT: {VAL_OUT, GUIDANCE}}
     for path in tqdm(files, desc="audit", unit="slide", dynamic_ncols=True, disable=len(files) < 100):
@@ -223,8 +229,9 @@ def _scan_tiles(files: list[Path], slide_split: dict, kind: str, tile_check: Che
                 f"slide {slide_id}: {split[a]} tile {t['tile_id'].iat[a]} at ({t['x'].iat[a]}, {t['y'].iat[a]}) overlaps "
                 f"{split[b]} tile {t['tile_id'].iat[b]} at ({t['x'].iat[b]}, {t['y'].iat[b]})"
             )
-        per = t.groupby("split").size().to_dict()
-        per[GUIDANCE + "_flag"] = int(t["guidance"].sum())
+        selected = t[~t["tile_id"].isin(topups)]
+        per = selected.groupby("split").size().to_dict()
+        per[GUIDANCE + "_flag"] = int(selected["guidance"].sum())
         rows.append({"slide_id": slide_id, **per})
     frame = pd.DataFrame(rows)
     for col in (*SPLITS, GUIDANCE + "_flag"):

@@ -20,7 +20,7 @@ from cytosyn.config import CurationConfig, PipelineConfig
 from cytosyn.curation.annotations import annotations_from_ground_truth
 from cytosyn.curation.features import LazyBackbone, backbone_setup
 from cytosyn.nn.device import resolve_device
-from cytosyn.curation.predict import predict_dataset, topup_tile_ids
+from cytosyn.curation.predict import predict_dataset
 from cytosyn.curation.train import (
     TrainingError,
     classification_metrics,
@@ -32,6 +32,7 @@ from cytosyn.curation.train import (
 from cytosyn.io.atomic import write_text_atomic
 from cytosyn.io.hashing import stable_hash
 from cytosyn.io.layout import DatasetLayout
+from cytosyn.io.manifests import topup_tile_ids
 
 REPORT_JSON = "curation.json"
 REPORT_MD = "curation.md"

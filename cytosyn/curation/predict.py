@@ -180,15 +180,6 @@ def predict_dataset(
     return summary
 
 
-def topup_tile_ids(layout: DatasetLayout) -> set[str]:
-    """Tiles that an earlier curation run drew as replacements (not part of the build's selection)."""
-    ids: set[str] = set()
-    for path in sorted((layout.curation_dir / "predictions").glob("*.parquet")):
-        preds = pd.read_parquet(path, columns=["tile_id", "topup"])
-        ids.update(preds.loc[preds["topup"], "tile_id"])
-    return ids
-
-
 def _read_predictions(layout: DatasetLayout, slide_id: str) -> pd.DataFrame | None:
     path = layout.curation_predictions_path(slide_id)
     return pd.read_parquet(path) if path.exists() else None

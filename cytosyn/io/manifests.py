@@ -62,3 +62,12 @@ def write_slide_selection(layout: DatasetLayout, slide_id: str, selection: pd.Da
     if changed:
         layout.tiles_path(slide_id).unlink(missing_ok=True)
     return changed
+
+
+def topup_tile_ids(layout: DatasetLayout) -> set[str]:
+    """Tiles that curation drew as replacements (top-up): they are not part of the cohort's selection."""
+    ids: set[str] = set()
+    for path in sorted((layout.curation_dir / "predictions").glob("*.parquet")):
+        preds = pd.read_parquet(path, columns=["tile_id", "topup"])
+        ids.update(preds.loc[preds["topup"], "tile_id"])
+    return ids
