@@ -36,7 +36,7 @@ from zarr.codecs import BloscCodec
 from cytosyn.io import schema
 from cytosyn.io.atomic import TMP_PREFIX, atomic_path, write_bytes_atomic
 from cytosyn.io.layout import DatasetLayout
-from cytosyn.io.manifests import iter_tile_batches
+from cytosyn.io.manifests import iter_kept_tiles
 
 FORMAT_VERSION = 1
 # Chosen by measurement (docs/features.md): byte-shuffled zstd gave the fewest bytes per tile with read
@@ -107,23 +107,12 @@ class FeatureStore:
 # --------------------------------------------------------------------------- manifest → index
 
 
-def _tiles_columns(layout: DatasetLayout) -> list[str]:
-    files = sorted(layout.tiles_dir.glob("*.parquet")) if layout.tiles_dir.exists() else []
-    if not files:
-        raise FeaturesError(f"{layout.tiles_dir}: no tile manifests; run `cytosyn data build` on this dataset first")
-    names = set(pq.read_schema(files[0]).names)
-    return ["tile_id", "image_path", "image_sha256"] + (["kept"] if "kept" in names else [])
-
-
 def kept_tile_batches(layout: DatasetLayout) -> Iterator[pa.Table]:
-    """The tile manifest in order, without tiles that curation set ``kept=False`` (null counts as kept)."""
-    columns = _tiles_columns(layout)
-    for batch in iter_tile_batches(layout, columns=columns):
-        table = pa.Table.from_batches([batch])
-        if "kept" in columns:
-            table = table.filter(pc.fill_null(table["kept"], True))
-        if table.num_rows:
-            yield table
+    """The kept tiles of the manifest in order (the rows features are computed for)."""
+    try:
+        yield from iter_kept_tiles(layout, ["tile_id", "image_path", "image_sha256"])
+    except FileNotFoundError as exc:
+        raise FeaturesError(str(exc)) from None
 
 
 def _index_row_group(chunk_rows: int) -> int:

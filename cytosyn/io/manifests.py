@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from cytosyn.io import schema
 from cytosyn.io.atomic import write_parquet_atomic
@@ -44,12 +46,22 @@ def read_tiles(layout: DatasetLayout, columns: list[str] | None = None) -> pd.Da
     return _read_folder(layout.tiles_dir, schema.TILES, columns)
 
 
-def iter_tile_batches(layout: DatasetLayout, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
-    """Stream the tile manifest without loading it whole (for 40M-row datasets)."""
+def iter_kept_tiles(layout: DatasetLayout, columns: list[str], split: str | None = None) -> Iterator[pa.Table]:
+    """The tile manifest in file order, streamed, without the tiles curation set ``kept=False`` (a null
+    counts as kept), and only ``split``'s tiles when one is given. Raises when there is no manifest."""
     files = _per_slide_files(layout.tiles_dir)
     if not files:
-        return
-    yield from ds.dataset(files, format="parquet").to_batches(columns=columns, batch_size=batch_size)
+        raise FileNotFoundError(f"{layout.tiles_dir}: no tile manifests; run `cytosyn data build` on this dataset first")
+    names = set(pq.read_schema(files[0]).names)
+    filters = [c for c in ("kept", "split") if c in names and (c == "kept" or split is not None)]
+    for batch in ds.dataset(files, format="parquet").to_batches(columns=list(dict.fromkeys(columns + filters))):
+        table = pa.Table.from_batches([batch])
+        if "kept" in filters:
+            table = table.filter(pc.fill_null(table["kept"], True))
+        if split is not None:
+            table = table.filter(pc.fill_null(pc.equal(table["split"], split), False))
+        if table.num_rows:
+            yield table.select(columns)
 
 
 def write_slide_selection(layout: DatasetLayout, slide_id: str, selection: pd.DataFrame) -> bool:

@@ -29,7 +29,7 @@ from cytosyn.io import schema
 from cytosyn.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from cytosyn.io.hashing import sha256_bytes, stable_hash
 from cytosyn.io.layout import DatasetLayout
-from cytosyn.io.manifests import iter_tile_batches, read_slides
+from cytosyn.io.manifests import iter_kept_tiles, read_slides
 
 FORMAT_VERSION = 1
 # Small row groups bound a reader's memory (64 × ~350 KB) and make mid-shard resumption cheap.
@@ -66,19 +66,12 @@ def write_shards(layout: DatasetLayout, cfg: PipelineConfig, split: str, *, prog
 
 
 def _split_tiles(layout: DatasetLayout, split: str) -> pa.Table:
-    files = sorted(layout.tiles_dir.glob("*.parquet")) if layout.tiles_dir.exists() else []
-    if not files:
-        raise ShardsError(f"{layout.tiles_dir}: no tile manifests; run `cytosyn data build` on this dataset first")
-    columns = ["tile_id", "slide_id", "split", "image_path", "image_sha256"]
-    with_kept = "kept" in pq.read_schema(files[0]).names
-    parts = []
-    for batch in iter_tile_batches(layout, columns=columns + (["kept"] if with_kept else [])):
-        table = pa.Table.from_batches([batch])
-        mask = pc.equal(table["split"], split)
-        if with_kept:
-            mask = pc.and_(mask, pc.fill_null(table["kept"], True))
-        parts.append(table.filter(pc.fill_null(mask, False)).select(["tile_id", "slide_id", "image_path", "image_sha256"]))
-    return pa.concat_tables(parts) if parts else pa.table({c: pa.array([], pa.string()) for c in ["tile_id", "slide_id", "image_path", "image_sha256"]})
+    columns = ["tile_id", "slide_id", "image_path", "image_sha256"]
+    try:
+        parts = list(iter_kept_tiles(layout, columns, split))
+    except FileNotFoundError as exc:
+        raise ShardsError(str(exc)) from None
+    return pa.concat_tables(parts) if parts else pa.table({c: pa.array([], pa.string()) for c in columns})
 
 
 def plan_shards(layout: DatasetLayout, split: str, extractor: str, shard_size: int, seed: int) -> pa.Table:
