@@ -91,6 +91,34 @@ def test_rerun_writes_nothing(dataset):
     assert [p.stat().st_mtime_ns for p in manifests + images] == stamps
 
 
+def test_a_later_request_adds_splits_without_dropping_earlier_ones(dataset):
+    assert write_variants(dataset, ["val_out"], size_px=248).ok
+    first = variant_rows(dataset, "248px-png")
+    images = {row.image_path: dataset.resolve(row.image_path).stat().st_mtime_ns for row in first.itertuples()}
+    report = write_variants(dataset, ["val_in"], size_px=248)
+    assert report.ok and report.tiles == 6
+    rows = variant_rows(dataset, "248px-png")
+    assert sorted(rows["split"].value_counts().items()) == [("val_in", 6), ("val_out", 8)]
+    assert {p: dataset.resolve(p).stat().st_mtime_ns for p in images} == images
+    for f in sorted(dataset.variants_dir("248px-png").glob("tiles/*.parquet")):
+        ids = pd.read_parquet(f, columns=["tile_id"])["tile_id"].tolist()
+        assert ids == sorted(ids)
+
+
+def test_rows_of_tiles_no_longer_in_the_dataset_are_dropped(dataset):
+    assert write_variants(dataset, ["val_out"], size_px=232).ok
+    manifest = next(f for f in sorted(dataset.tiles_dir.glob("*.parquet")) if (pd.read_parquet(f)["split"] == "val_out").any())
+    original = pd.read_parquet(manifest)
+    gone = original.loc[original["split"] == "val_out", "tile_id"].iloc[0]
+    write_parquet_atomic(manifest, original[original["tile_id"] != gone], schema.TILES)
+    try:
+        assert write_variants(dataset, ["val_out"], size_px=232).ok
+        rows = variant_rows(dataset, "232px-png")
+        assert gone not in set(rows["tile_id"]) and len(rows) == 7
+    finally:
+        write_parquet_atomic(manifest, original, schema.TILES)
+
+
 def test_jpeg_q70_of_the_dataset_pngs(dataset):
     res = cli("data", "variants", dataset.root, "--split", "val_in", "--size", "224", "--jpeg-quality", "70")
     assert res.exit_code == 0, res.output

@@ -61,36 +61,44 @@ class _VariantJob:
     png_compression: int
 
 
-def _rows(layout: DatasetLayout, job: _VariantJob) -> pd.DataFrame:
+def _rows(layout: DatasetLayout, job: _VariantJob) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The slide's tiles now (every split), and those of the requested splits, sorted by tile_id."""
     path = layout.tiles_path(job.slide_id) if job.source == "tiles" else layout.selection_path(job.slide_id)
     cols = TILE_SOURCE_COLUMNS + (["image_path"] if job.source == "tiles" else [])
     frame = pd.read_parquet(path, columns=cols)
     keep = np.zeros(len(frame), dtype=bool)
     for name in job.splits:
         keep |= split_mask(frame, name).to_numpy()
-    return frame[keep].sort_values("tile_id", kind="stable").reset_index(drop=True)
+    return frame, frame[keep].sort_values("tile_id", kind="stable").reset_index(drop=True)
 
 
-def _is_done(layout: DatasetLayout, name: str, job: _VariantJob, rows: pd.DataFrame) -> bool:
-    manifest = layout.variant_tiles_path(name, job.slide_id)
+def _written(layout: DatasetLayout, name: str, slide_id: str) -> pd.DataFrame:
+    """The slide's variant rows written so far (none when the manifest does not exist)."""
+    manifest = layout.variant_tiles_path(name, slide_id)
     if not manifest.exists():
-        return False
-    done = pd.read_parquet(manifest, columns=["tile_id", "image_path"])
-    return done["tile_id"].tolist() == rows["tile_id"].tolist() and all(layout.resolve(p).exists() for p in done["image_path"])
+        return pd.DataFrame(columns=schema.VARIANT_TILES.names)
+    return pd.read_parquet(manifest)
 
 
 def _variant_slide(job: _VariantJob) -> dict:
     layout = DatasetLayout(job.root)
     name = variant_name(job.size_px, job.jpeg_quality)
     try:
-        rows = _rows(layout, job)
-        if _is_done(layout, name, job, rows):
+        current, rows = _rows(layout, job)
+        # A variant folder is one encoding of the dataset's tiles: asking for more splits later adds
+        # their rows, so what an earlier request wrote is kept, unless its image has gone or the tile
+        # is no longer in the dataset (a changed selection).
+        written = _written(layout, name, job.slide_id)
+        on_disk = np.array([layout.resolve(p).exists() for p in written["image_path"]], dtype=bool)
+        done = written[written["tile_id"].isin(current["tile_id"]).to_numpy() & on_disk]
+        todo = rows[~rows["tile_id"].isin(done["tile_id"])].reset_index(drop=True)
+        if todo.empty and len(done) == len(written):
             return {"slide_id": job.slide_id, "tiles": len(rows), "error": None}
         ext = "png" if job.jpeg_quality is None else "jpg"
-        read, slide = _reader(layout, job, rows)
+        read, slide = _reader(layout, job, todo)
         paths, checksums = [], []
         try:
-            for row in rows.itertuples(index=False):
+            for row in todo.itertuples(index=False):
                 rgb = read(row)
                 data = encode_png(rgb, job.png_compression) if job.jpeg_quality is None else encode_jpeg(rgb, job.jpeg_quality)
                 rel = layout.variant_image_relpath(name, job.project, job.slide_id, row.tile_id, ext)
@@ -100,20 +108,22 @@ def _variant_slide(job: _VariantJob) -> dict:
         finally:
             if slide is not None:
                 slide.close()
-        out = pd.DataFrame(
+        new = pd.DataFrame(
             {
-                "tile_id": rows["tile_id"],
-                "slide_id": rows["slide_id"],
-                "split": rows["split"],
-                "guidance": rows["guidance"].fillna(False).astype(bool),
+                "tile_id": todo["tile_id"],
+                "slide_id": todo["slide_id"],
+                "split": todo["split"],
+                "guidance": todo["guidance"].fillna(False).astype(bool),
                 "variant": name,
                 "size_px": np.int32(job.size_px),
-                "image_path": paths,
-                "image_sha256": checksums,
+                "image_path": pd.Series(paths, dtype=object),
+                "image_sha256": pd.Series(checksums, dtype=object),
             }
         )
+        out = pd.concat([done, new], ignore_index=True) if len(done) else new
+        out = out.sort_values("tile_id", kind="stable").reset_index(drop=True)
         write_parquet_atomic(layout.variant_tiles_path(name, job.slide_id), out, schema.VARIANT_TILES)
-        return {"slide_id": job.slide_id, "tiles": len(out), "error": None}
+        return {"slide_id": job.slide_id, "tiles": len(rows), "error": None}
     except Exception as exc:  # one unreadable slide must not stop the others
         text = one_line(exc)
         return {"slide_id": job.slide_id, "tiles": 0, "error": f"{job.slide_path}: {text}"}
