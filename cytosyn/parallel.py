@@ -42,8 +42,15 @@ def map_unordered(
     dask_address: str | None = None,
     desc: str = "",
     unit: str = "slide",
+    on_crash: Callable[[T, BaseException], R] | None = None,
 ) -> Iterator[R]:
-    """Apply ``fn`` to every item; yield results as they finish, with a progress bar."""
+    """Apply ``fn`` to every item; yield results as they finish, with a progress bar.
+
+    ``fn`` reports its own failures in its result. What it cannot catch is its worker process dying
+    (a native library crashing on a malformed file): Dask then gives up on the item with
+    ``KilledWorker``, and ``on_crash(item, exc)`` turns that into the item's result so the rest of the
+    batch goes on. Without ``on_crash`` the exception propagates.
+    """
     if not items:
         return
     with tqdm(total=len(items), desc=desc, unit=unit, dynamic_ncols=True) as bar:
@@ -57,6 +64,13 @@ def map_unordered(
         with dask_client(workers, dask_address) as client:
             # pure=False: the same item submitted twice (a rerun) must run again, not hit Dask's cache.
             futures = client.map(fn, list(items), pure=False)
+            item_of = dict(zip((f.key for f in futures), items))
             for future in as_completed(futures):
-                yield future.result()
+                try:
+                    result = future.result()
+                except Exception as exc:
+                    if on_crash is None:
+                        raise
+                    result = on_crash(item_of[future.key], exc)
+                yield result
                 bar.update()

@@ -148,10 +148,15 @@ def _stripe_period(tile: np.ndarray) -> float:
     return len(profile) / k_fine
 
 
-def test_scale_10um_stripes_give_20px_period_at_half_micron(tmp_path):
+@pytest.mark.parametrize(
+    ("mpp", "side", "footprint", "level"),
+    # 0.25 µm/px reads 448 px at level 0; 0.125 µm/px reads its 4× level (0.5 µm/px) 1:1.
+    [(0.25, 2400, 448, 0), (0.125, 4800, 896, 1)],
+)
+def test_scale_10um_stripes_give_20px_period_at_half_micron(tmp_path, mpp, side, footprint, level):
     folder = tmp_path / "slides"
     folder.mkdir()
-    write_synthetic_slide(folder / "TCGA-A1-A0SC-01Z-00-DX1.STRIPES.svs", width=2400, height=2400, mpp=0.25,
+    write_synthetic_slide(folder / "TCGA-A1-A0SC-01Z-00-DX1.STRIPES.svs", width=side, height=side, mpp=mpp,
                           pattern="stripes", stripe_period_um=10.0, seed=0)
     cfg = write_config(tmp_path / "p.yaml", tissue={"min_saturation": 0}, tiling={"min_tissue_fraction": 0.0, "max_tiles_per_slide": 6})
     res = run_cli("data", "build", cfg, "--slides", folder, "--out", tmp_path / "ds")
@@ -163,7 +168,7 @@ def test_scale_10um_stripes_give_20px_period_at_half_micron(tmp_path):
         assert tile.shape == (224, 224, 3)
         assert _stripe_period(tile) == pytest.approx(20.0, rel=0.02)
     tiles = pd.read_parquet(next((tmp_path / "ds" / "tiles").glob("*.parquet")))
-    assert set(tiles.read_size_level0) == {448} and set(tiles.read_level) == {0}
+    assert set(tiles.read_size_level0) == {footprint} and set(tiles.read_level) == {level}
 
 
 def test_real_slide_tiles(tmp_path, cmu_slide):
@@ -247,3 +252,28 @@ def test_shards_without_features_is_a_config_error(tmp_path):
     cfg = write_config(tmp_path / "p.yaml", shards={"shard_size": 8})
     res = run_cli("data", "build", cfg, "--slides", tmp_path, "--out", tmp_path / "ds")
     assert res.returncode == 2 and "shards need features" in res.stderr
+
+
+def test_a_slide_without_mpp_builds_with_each_documented_way_of_giving_one(tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    name = "TCGA-A1-A0SD-01Z-00-DX1.NOMPP"
+    write_synthetic_slide(folder / f"{name}.svs", width=1400, height=1400, mpp=0.5020, seed=5, write_mpp=False)
+    slide_id = "TCGA-A1-A0SD-01Z-00-DX1"
+    meta = tmp_path / "meta.csv"
+    meta.write_text(f"slide_id,mpp\n{slide_id},0.5020\n")
+    ways = {
+        "cli": (write_config(tmp_path / "a.yaml"), ["--mpp", "0.502"], "override", 0.502),
+        "csv": (write_config(tmp_path / "b.yaml", slides={"metadata_csv": str(meta)}), [], "override", 0.5020),
+        "power": (write_config(tmp_path / "c.yaml"), ["--objective-power-fallback"], "objective-power", 0.5),
+    }
+    none = run_cli("data", "build", write_config(tmp_path / "d.yaml"), "--slides", folder, "--out", tmp_path / "none")
+    assert none.returncode == 1 and "--mpp" in none.stderr and "--objective-power-fallback" in none.stderr
+    for way, (cfg, extra, source, mpp) in ways.items():
+        res = run_cli("data", "build", cfg, "--slides", folder, "--out", tmp_path / way, *extra)
+        assert res.returncode == 0, (way, res.stderr)
+        slides = pd.read_parquet(tmp_path / way / "slides.parquet")
+        assert slides.loc[0, "status"] == "ok" and slides.loc[0, "mpp_source"] == source, way
+        assert slides.loc[0, "mpp_x"] == pytest.approx(mpp), way
+        tiles = pd.read_parquet(tmp_path / way / "tiles" / f"{slide_id}.parquet")
+        assert len(tiles) > 0 and (tiles["read_size_level0"] == round(224 * 0.5 / mpp)).all(), way

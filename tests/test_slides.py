@@ -8,6 +8,7 @@ import pytest
 from conftest import shared_file
 from cytosyn.slides import SlideError, open_slide
 from cytosyn.slides.mpp import resolve_mpp
+from cytosyn.slides.synthetic import write_synthetic_slide
 
 
 def test_cmu_metadata_in_both_backends(cmu_slide):
@@ -25,16 +26,22 @@ def test_tile_is_exact_size_and_footprint(cmu_slide):
     with open_slide(cmu_slide) as s:
         fp = s.footprint(224, 0.5)
         assert abs(fp.read_size_level0 - 224 * 0.5 / 0.499) <= 1
+        assert fp.read_level == 0 and (fp.read_w, fp.read_h) == (224, 224)
         tile = s.read_region_at_mpp(500, 700, 224, 0.5)
         assert tile.shape == (224, 224, 3) and tile.dtype == np.uint8
+        # 224 · 0.5 / 0.499 = 224.45 px rounds to a 224 px read: the tile is those pixels, unresampled.
+        assert np.array_equal(tile, s.read_region(500, 700, 0, 224, 224))
 
 
 def test_backends_return_the_same_pixels(cmu_slide):
     with open_slide(cmu_slide, backend="openslide") as a, open_slide(cmu_slide, backend="tiffslide") as b:
         diffs = [
             np.abs(a.read_region_at_mpp(x, y, 224, 0.5).astype(int) - b.read_region_at_mpp(x, y, 224, 0.5).astype(int))
-            for x, y in [(0, 0), (600, 900), (1500, 2000)]
+            # inside, and across the left/top and right/bottom edges (256 px context reads do that)
+            for x, y in [(0, 0), (600, 900), (1500, 2000), (-16, -16), (2100, 2850)]
         ]
+        outside = b.read_region_at_mpp(-16, -16, 224, 0.5)[:16, :16]
+        assert (outside == 255).all()  # white beyond the image, as OpenSlide's transparent pixels
     # Measured: both decode the same JPEG tiles with libjpeg-turbo; mean |Δ| 0.0, max 0 on this slide.
     # The bound leaves room for a different IDCT in another libjpeg build.
     assert max(d.mean() for d in diffs) < 1.0
@@ -113,3 +120,23 @@ def test_a_dicom_series_is_one_slide():
     assert inv["slide_id"].tolist() == ["boxes_0"]
     with open_slide(inv.loc[0, "path"]) as s:
         assert s.vendor == "dicom" and s.level_count >= 1
+
+
+@pytest.mark.parametrize(
+    ("mpp", "level", "read_px"),
+    [
+        (0.125, 1, 224),  # the 4× level is exactly 0.5 µm/px
+        (0.12502, 1, 224),  # 0.50008 µm/px: within the rounding of stored downsamples
+        (0.1254, 0, 893),  # 0.5016 µm/px is coarser than the target: read level 0 and reduce
+    ],
+)
+def test_the_read_level_is_never_coarser_than_the_target(tmp_path, mpp, level, read_px):
+    path = tmp_path / "s.svs"
+    write_synthetic_slide(path, width=2048, height=2048, mpp=mpp, seed=0)
+    for backend in ("openslide", "tiffslide"):
+        with open_slide(path, backend=backend) as s:
+            assert s.level_downsamples[:2] == (1.0, 4.0)
+            fp = s.footprint(224, 0.5)
+            assert (fp.read_level, fp.read_w, fp.read_h) == (level, read_px, read_px)
+            assert s.mpp_x * s.level_downsamples[fp.read_level] <= 0.5 * 1.001
+            assert s.read_region_at_mpp(300, 300, 224, 0.5).shape == (224, 224, 3)

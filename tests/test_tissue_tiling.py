@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pandas as pd
 
 from cytosyn.config import TissueConfig
 from cytosyn.slides import open_slide
 from cytosyn.tiling.grid import grid_origins, sample_cells
+from cytosyn.tiling.qc import OUTLINE, SPLIT_COLOURS, qc_thumbnail
 from cytosyn.tissue import cell_tissue_fractions, pen_mark_mask, tissue_mask
 
 
@@ -71,3 +73,29 @@ def test_sampling_is_deterministic_per_slide_and_ordered():
     assert list(a.tile_id) != list(c.tile_id)
     assert list(a.x) == sorted(a.x)
     assert len(sample_cells(cands, 500, 3, "S1")) == 100
+
+
+def test_qc_thumbnail_draws_the_mask_outline_and_each_tile_in_its_split_colour():
+    rgb = np.full((400, 400, 3), 242, np.uint8)
+    mask = np.zeros((50, 50), bool)
+    mask[10:40, 10:40] = True  # 8× coarser than the thumbnail: rows/cols 80–320 of it
+    # level-0 pixels are 2× the thumbnail's; tiles of 100 level-0 px = 50 thumbnail px
+    tiles = pd.DataFrame({"x": [200, 400, 560], "y": [200, 400, 560], "split": ["train", "val_out", "train"],
+                          "guidance": [False, False, True]})
+    jpeg = qc_thumbnail(rgb, mask, tiles, (0.5, 0.5), (100.0, 100.0), max_px=400)
+    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert bgr.shape == (400, 400, 3)
+
+    palette = {"grey": (242, 242, 242), "outline": OUTLINE, **SPLIT_COLOURS}
+
+    def near(pixel, colour):
+        # 1 px lines lose some colour to JPEG's chroma subsampling: the drawn colour must still be
+        # the nearest of the palette's
+        distance = {name: np.abs(pixel.astype(int) - np.array(c)).sum() for name, c in palette.items()}
+        return palette[min(distance, key=distance.get)] == colour
+
+    assert near(bgr[80, 200], OUTLINE) and near(bgr[200, 80], OUTLINE)  # the mask's top and left edges
+    assert near(bgr[100, 125], SPLIT_COLOURS["train"])  # top edge of the first tile box (100–150)
+    assert near(bgr[225, 200], SPLIT_COLOURS["val_out"])  # left edge of the second (200–250)
+    assert near(bgr[305, 280], SPLIT_COLOURS["guidance"])  # left edge of the third, a guidance tile
+    assert np.abs(bgr[125, 125].astype(int) - 242).max() < 10  # inside a box the slide shows through

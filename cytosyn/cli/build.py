@@ -31,6 +31,9 @@ def build(
     out: Annotated[Optional[Path], typer.Option(help="dataset root (default: ./cytosyn-demo for the demo, ./<name> otherwise)")] = None,
     slides: Annotated[Optional[Path], typer.Option(help="folder of slides (overrides the config's slide source)")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="MPP override for every slide (µm/px)")] = None,
+    objective_power_fallback: Annotated[
+        bool, typer.Option(help="for a slide with no MPP, derive one from its objective power (10 / power; flagged in slides.parquet)")
+    ] = False,
     workers: Annotated[Optional[int], typer.Option(min=1, help="worker processes (a local Dask cluster when > 1)")] = None,
     dask_address: Annotated[Optional[str], typer.Option(help="address of an existing Dask scheduler")] = None,
 ) -> None:
@@ -44,6 +47,8 @@ def build(
         overrides.setdefault("slides", {}).update(source="folder", folder=str(slides.resolve()))
     if mpp is not None:
         overrides.setdefault("slides", {})["mpp"] = mpp
+    if objective_power_fallback:
+        overrides.setdefault("slides", {})["objective_power_fallback"] = True
     try:
         cfg = load_config(pipeline or demo_config_path(), overrides)
     except ConfigError as exc:

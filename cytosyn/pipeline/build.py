@@ -23,7 +23,7 @@ from cytosyn.io.manifests import write_slide_selection
 from cytosyn.parallel import map_unordered
 from cytosyn.pipeline.inventory import take_inventory
 from cytosyn.pipeline.report import write_build_report
-from cytosyn.pipeline.slide_stages import SlideJob, extract_slide, relative_to_root, scan_slide
+from cytosyn.pipeline.slide_stages import SlideJob, crashed_slide, extract_slide, relative_to_root, scan_slide
 from cytosyn.tiling.grid import sample_cells
 
 # Columns the build tracks per slide but does not publish in slides.parquet.
@@ -175,7 +175,7 @@ def build_dataset(cfg: PipelineConfig, out: str | Path) -> BuildResult:
         remove_stale_temporaries(folder)
 
     jobs = _jobs(layout, slides, cfg)
-    run = dict(workers=cfg.workers, dask_address=cfg.dask_address)
+    run = dict(workers=cfg.workers, dask_address=cfg.dask_address, on_crash=crashed_slide)
 
     scans = list(map_unordered(scan_slide, jobs, desc="tissue + candidates", **run))
     slides = _merge(slides, scans)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from cytosyn.config import PipelineConfig
 from cytosyn.io.atomic import write_bytes_atomic, write_text_atomic
 from cytosyn.io.layout import DatasetLayout
+from cytosyn.tiling.qc import OUTLINE, SPLIT_COLOURS
 
 CONTACT_CELL_PX = 320
 CONTACT_COLUMNS = 4
@@ -82,8 +83,19 @@ def _contact_sheet(layout: DatasetLayout, slide_ids: list[str]) -> bytes | None:
     while len(cells) % CONTACT_COLUMNS:
         cells.append(np.full_like(cells[0], 255))
     rows = [np.hstack(cells[i : i + CONTACT_COLUMNS]) for i in range(0, len(cells), CONTACT_COLUMNS)]
-    ok, buf = cv2.imencode(".jpg", np.vstack(rows), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    ok, buf = cv2.imencode(".jpg", np.vstack([*rows, _legend(rows[0].shape[1])]), [cv2.IMWRITE_JPEG_QUALITY, 85])
     return buf.tobytes() if ok else None
+
+
+def _legend(width: int) -> np.ndarray:
+    """A strip naming what the thumbnails' colours mean: the tissue outline and each split's boxes."""
+    strip = np.full((24, width, 3), 255, np.uint8)
+    x = 6
+    for label, colour in [("tissue mask", OUTLINE), *((f"{split} tiles", c) for split, c in SPLIT_COLOURS.items())]:
+        cv2.rectangle(strip, (x, 7), (x + 14, 17), colour, 2)
+        cv2.putText(strip, label, (x + 20, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        x += 30 + cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0]
+    return strip
 
 
 def _stage_lines(layout: DatasetLayout) -> list[str]:

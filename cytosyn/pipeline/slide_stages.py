@@ -120,6 +120,15 @@ def extract_slide(job: SlideJob) -> dict:
     return result
 
 
+def crashed_slide(job: SlideJob, exc: BaseException) -> dict:
+    """The result of a slide whose worker process died (the stages catch every Python error themselves)."""
+    return {
+        "slide_id": job.slide_id, "status": "error",
+        "error": one_line(f"{job.path}: the worker process died on this slide ({exc.__class__.__name__}); "
+                          "the file is probably corrupt: re-download it, or remove it from the slide list"),
+    }
+
+
 def relative_to_root(path: str, root: str) -> str:
     """Manifest paths are relative to the root when the file lives under it (so the dataset can move)."""
     p, r = os.path.abspath(path), os.path.abspath(root)

@@ -19,9 +19,11 @@ from cytosyn.errors import one_line
 from cytosyn.slides.mpp import MPP, MissingMPPError, objective_power, resolve_mpp
 
 Backend = Literal["auto", "openslide", "tiffslide"]
-# A level counts as "not coarser" than the target when within this relative tolerance, so a
-# 0.5020 µm/px level serves a 0.5 µm/px target instead of dropping to a 2× finer level.
-LEVEL_TOLERANCE = 0.01
+# A level counts as "not coarser" than the target within this relative tolerance: pyramid
+# downsamples are stored rounded (4.0004 for 4), and that rounding must not push a read to a 4×
+# finer level. A coarser level is never read; only a slide whose level 0 is itself coarser than the
+# target (a 20x scan at 0.502 µm/px) is resized up, by that small factor.
+LEVEL_TOLERANCE = 1e-3
 # Whole-level reads (masks, thumbnails) go in strips of about this many pixels (128 MiB of RGBA),
 # so a wide slide without a pyramid does not need its whole level in memory.
 STRIP_PIXELS = 1 << 25
@@ -70,8 +72,6 @@ def _open_backend(path: Path, backend: str):
     raise ValueError(f"unknown backend '{backend}' (use auto, openslide or tiffslide)")
 
 
-
-
 class Slide:
     """An open whole-slide image. Use as a context manager, or call ``close``."""
 
@@ -118,16 +118,26 @@ class Slide:
         """RGB uint8 (h, w, 3) at ``level``, top-left (x, y) in level-0 pixels; alpha composited on white."""
         try:
             if self.backend == "tiffslide":
-                arr = np.asarray(self._handle.read_region((int(x), int(y)), int(level), (int(w), int(h)), as_array=True))
-            else:
-                arr = np.asarray(self._handle.read_region((int(x), int(y)), int(level), (int(w), int(h))))
+                return self._read_tiffslide(int(x), int(y), int(level), int(w), int(h))
+            arr = np.asarray(self._handle.read_region((int(x), int(y)), int(level), (int(w), int(h))))
         except Exception as exc:  # noqa: BLE001 - every backend failure becomes one readable error
             raise SlideError(
                 f"{self.path}: cannot read region ({x},{y}) level {level}: {one_line(exc)}; the file may be truncated or corrupt — re-download it"
             ) from None
-        if arr.ndim == 3 and arr.shape[2] == 4:
-            return composite_on_white(arr)
-        return np.ascontiguousarray(arr[..., :3])
+        return composite_on_white(arr)
+
+    def _read_tiffslide(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        """tiffslide pads outside the image with black; OpenSlide's transparent pixels composite to
+        white. Reading only the part inside the level onto a white canvas makes the two agree."""
+        arr = np.asarray(self._handle.read_region((x, y), level, (w, h), as_array=True, padding=False))[..., :3]
+        if arr.shape[:2] == (h, w):
+            return np.ascontiguousarray(arr)
+        down = self.level_downsamples[level]
+        # tiffslide's own mapping of a level-0 location to the level (truncation, as int() does)
+        left, top = max(0, -int(x / down)), max(0, -int(y / down))
+        canvas = np.full((h, w, 3), 255, np.uint8)
+        canvas[top : top + arr.shape[0], left : left + arr.shape[1]] = arr
+        return canvas
 
     def level_for_mpp(self, mpp: float) -> int:
         """The finest level not coarser than ``mpp`` (the coarsest such level, to read the fewest pixels)."""

@@ -32,6 +32,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 from scipy import ndimage
+from tqdm import tqdm
 
 from cytosyn.io.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 from cytosyn.io.hashing import stable_hash
@@ -215,7 +216,7 @@ def demo_cohort(
     rng = np.random.default_rng(seed)
     patients: set[str] = set()
     slides = []
-    for index in range(n_slides):
+    for index in tqdm(range(n_slides), desc="demo slides", unit="slide", dynamic_ncols=True):
         patient = _new_patient_code(rng, patients)
         slide_uuid = uuid.UUID(bytes=rng.bytes(16), version=4)
         slide_id = f"TCGA-{_DEMO_SITES[index % len(_DEMO_SITES)]}-{patient}-01Z-00-DX1"

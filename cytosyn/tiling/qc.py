@@ -31,7 +31,9 @@ def qc_thumbnail(
     cv2.drawContours(canvas, contours, -1, OUTLINE, 2)
     sx, sy = level0_scale[0] * scale, level0_scale[1] * scale
     for row in tiles.itertuples(index=False):
-        colour = SPLIT_COLOURS.get(getattr(row, "split", "train"), (0, 0, 0))
+        # guidance tiles are training tiles flagged for the guidance set: drawn in their own colour
+        split = "guidance" if getattr(row, "guidance", False) is True else getattr(row, "split", "train")
+        colour = SPLIT_COLOURS.get(split, (0, 0, 0))
         x0, y0 = int(row.x * sx), int(row.y * sy)
         x1, y1 = int((row.x + footprint_level0[0]) * sx), int((row.y + footprint_level0[1]) * sy)
         cv2.rectangle(canvas, (x0, y0), (max(x0 + 1, x1), max(y0 + 1, y1)), colour, 1)

@@ -1,0 +1,33 @@
+"""Per-slide fan-out on a real Dask LocalCluster: results, and a worker process that dies."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cytosyn.parallel import map_unordered
+
+
+def _square_or_die(n: int) -> int:
+    if n == 3:
+        os._exit(1)  # what a native library's segfault does to the worker: no Python exception
+    return n * n
+
+
+@pytest.mark.slow
+def test_a_dying_worker_fails_only_its_item():
+    crashed = []
+
+    def on_crash(item, exc):
+        crashed.append((item, exc.__class__.__name__))
+        return -1
+
+    results = sorted(map_unordered(_square_or_die, [1, 2, 3, 4, 5], workers=2, on_crash=on_crash, desc="crash"))
+    assert results == [-1, 1, 4, 16, 25]
+    assert crashed == [(3, "KilledWorker")]
+
+
+def test_without_a_crash_handler_the_failure_propagates():
+    with pytest.raises(ZeroDivisionError):
+        list(map_unordered(lambda n: 1 // n, [1, 0], workers=2))
