@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest_cohort import cli, make_dataset, tcga_specs
+from conftest_cohort import cli, make_dataset, slides_frame, tcga_specs
 from cytosyn.cohort.audit import audit_dataset, overlapping_pairs
-from cytosyn.cohort.selection import select_tiles
+from cytosyn.cohort.selection import select_tiles, write_slide_split
 from cytosyn.config import CohortConfig
 from cytosyn.io import schema
 from cytosyn.io.atomic import write_parquet_atomic
@@ -146,3 +146,77 @@ def test_audit_passes_on_a_curated_dataset_with_top_up(tmp_path):
     assert topup_tile_ids(layout), "the threshold should have made curation draw replacements"
     report = audit_dataset(layout)
     assert report.ok, [c.violations for c in report.checks if c.violations]
+
+
+def capacity_bound_specs():
+    # COAD slides have 50 candidate cells, BRCA and ACC slides 10: those cannot supply their sites'
+    # share of a large training set, so the selection gives COAD what they cannot take.
+    return (tcga_specs({"AA": "COAD", "AZ": "COAD"}, patients_per_site=4, nx=10, ny=5)
+            + tcga_specs({"A1": "BRCA", "OR": "ACC"}, patients_per_site=4, nx=2, ny=5))
+
+
+@pytest.mark.parametrize("budget", [None, 300])
+def test_capacity_bound_selections_pass(tmp_path, budget):
+    layout = make_dataset(tmp_path / "ds", capacity_bound_specs())
+    cohort = CohortConfig(budget=budget, val_out_slides=4, val_in_tiles=10, val_out_tiles=10, guidance_tiles=10)
+    report = select_tiles(layout, cohort, seed=0)
+    train = report.splits["train"]
+    # Far from the slide shares, but exactly as far as the capacities force.
+    assert train["tvd_tss"] > 0.2 and train["tvd_tss"] == pytest.approx(train["tvd_tss_floor"])
+    assert train["tvd_project"] == pytest.approx(train["tvd_project_floor"])
+    audit = audit_dataset(layout)
+    assert audit.ok, [c.violations for c in audit.checks if c.violations]
+    info = {c.name: c.info for c in audit.checks}
+    assert info["distribution fidelity"]["train"] == {k: v for k, v in train.items() if k.startswith("tvd_")}
+    if budget is None:
+        # Every candidate of the training slides except the val_in cells: nothing falls short.
+        slides = slides_of(layout)
+        capacity = sum(s.nx * s.ny for s in capacity_bound_specs()
+                       if s.slide_id in set(slides.loc[slides["split"] == "train", "slide_id"]))
+        assert train["target"] == train["achieved"] == capacity - 10
+        assert "shortfall" not in info["budget"]["train"]
+
+
+def move_train_tiles(layout: DatasetLayout, donors: list[str], receivers: list[str], n: int) -> None:
+    """Move ``n`` training tiles (not guidance) from the donor slides to free cells of the receivers."""
+    moved = 0
+    for slide_id in donors:
+        sel = pd.read_parquet(layout.selection_path(slide_id))
+        drop = sel.index[(sel["split"] == "train") & ~sel["guidance"]][: n - moved]
+        moved += len(drop)
+        write_parquet_atomic(layout.selection_path(slide_id), sel.drop(index=drop), schema.SELECTION)
+    assert moved == n
+    for slide_id in receivers:
+        sel = pd.read_parquet(layout.selection_path(slide_id))
+        cands = pd.read_parquet(layout.candidates_path(slide_id))
+        free = cands[~cands["tile_id"].isin(sel["tile_id"])].iloc[:moved].assign(split="train", guidance=False)
+        moved -= len(free)
+        write_parquet_atomic(layout.selection_path(slide_id), pd.concat([sel, free], ignore_index=True), schema.SELECTION)
+    assert moved == 0
+
+
+def test_training_tiles_moved_between_sites(dataset):
+    slides = slides_of(dataset)
+    train = slides[slides["split"] == "train"]
+    move_train_tiles(dataset, train.loc[train["tss_code"] == "OR", "slide_id"].tolist(),
+                     train.loc[train["project"] == "COAD", "slide_id"].tolist(), 30)
+    violations = failing(dataset)
+    assert list(violations) == ["distribution fidelity"]
+    assert [v.split(" exceeds")[0] for v in violations["distribution fidelity"]] == [
+        "train: site TVD 0.1500", "train: project TVD 0.1500"]
+
+
+def test_val_out_slides_moved_to_one_site(tmp_path):
+    """The audit recomputes the slide-level distribution from slides.parquet, not from the report."""
+    layout = DatasetLayout(tmp_path / "split")
+    specs = tcga_specs({"AA": "COAD", "AZ": "COAD", "A6": "COAD", "CM": "COAD"}, patients_per_site=4)
+    write_parquet_atomic(layout.slides_parquet, slides_frame(specs), schema.SLIDES)
+    assert write_slide_split(layout, CohortConfig(val_out_slides=4), seed=0).slides.tvd_tss == 0.0
+    assert audit_dataset(layout).ok
+    reported = layout.cohort_report_json.read_bytes()
+    slides = slides_of(layout)
+    slides["split"] = np.where(slides["tss_code"] == "AA", "val_out", "train")
+    rewrite_slides(layout, slides)
+    violations = failing(layout)
+    assert violations == {"distribution fidelity": ["val_out slides: site TVD 0.7500 exceeds its best possible 0.0000 by more than 0.05"]}
+    assert layout.cohort_report_json.read_bytes() == reported

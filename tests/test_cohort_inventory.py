@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED_TCGA
+from conftest import SHARED_TCGA, shared_file
 from cytosyn.cohort.inventory import (
     INVENTORY_COLUMNS,
     gdc_manifest_project,
@@ -202,3 +203,45 @@ def test_the_32_tcga_manifests():
     excluded = inv[inv["status"] == "excluded"]
     assert len(excluded) == 110 and excluded["error"].str.startswith("duplicate of slide").all()
     assert excluded["error"].str.contains("listed twice").sum() == 1
+
+
+def test_a_manifest_folder_is_its_manifests_in_the_build_too(tmp_path):
+    from cytosyn.config import parse_config
+    from cytosyn.io.layout import DatasetLayout
+    from cytosyn.pipeline.inventory import take_inventory
+
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    files = gdc_fixture(folder)
+    pd.testing.assert_frame_equal(inventory_from_gdc_manifests([folder]), inventory_from_gdc_manifests(files))
+    cfg = parse_config({"slides": {"source": "gdc", "gdc_manifests": [str(folder)], "folder": str(tmp_path / "slides")}})
+    built = take_inventory(cfg, DatasetLayout(tmp_path / "ds"))
+    assert built["slide_id"].tolist() == inventory_from_gdc_manifests(files)["slide_id"].tolist()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: no GDC manifest \(\*\.txt\) in this folder"):
+        inventory_from_gdc_manifests([tmp_path / "empty"])
+
+
+def test_dicom_series_are_named_after_their_folders(tmp_path):
+    from cytosyn.slides.reader import open_slide
+
+    levels = [shared_file("slides/boxes_0.dcm"), shared_file("slides/boxes_1.dcm")]
+    for series in ("series-a", "series-b"):
+        (tmp_path / "slides" / series).mkdir(parents=True)
+        for i, level in enumerate(levels):
+            shutil.copy(level, tmp_path / "slides" / series / f"{i}.dcm")
+    inv = inventory_from_folder(tmp_path / "slides")
+    assert by_status(inv, "ok") == ["series-a", "series-b"] and by_status(inv, "excluded") == []
+    assert inv["path"].tolist() == [str(tmp_path / "slides" / s / "0.dcm") for s in ("series-a", "series-b")]
+    for path in inv["path"]:
+        with open_slide(path) as s:
+            assert s.vendor == "dicom"
+
+
+def test_an_unknown_sample_type_is_an_error(tmp_path):
+    touch(tmp_path, GOOD, "TCGA-A1-A0SC-99Z-00-DX1.svs")
+    inv = inventory_from_folder(tmp_path).set_index("slide_id")
+    assert inv.loc["TCGA-A1-A0SB-01Z-00-DX1", "status"] == "ok"
+    bad = inv.loc["TCGA-A1-A0SC-99Z-00-DX1"]
+    assert bad["status"] == "error"
+    assert bad["error"].startswith(str(tmp_path / "TCGA-A1-A0SC-99Z-00-DX1.svs")) and "sample type 99 is not in manifests/sampleType.csv" in bad["error"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -212,3 +214,34 @@ def test_splits_command_on_a_built_root(selected, tmp_path):
     assert refused.exit_code == 2 and "built dataset" in refused.output
     bad = cli("data", "splits", "--out", layout.root, "--val-out-slides", "1.5")
     assert bad.exit_code == 2 and "fraction strictly between 0 and 1" in bad.output
+
+
+def test_a_corrupt_candidate_file_is_that_slides_error(selected):
+    layout, _ = selected
+    broken = "TCGA-AA-0001-01Z-00-DX1"
+    layout.candidates_path(broken).write_bytes(b"garbage")
+    report = write_cohort_selection(layout, config())
+    assert len(report.errors) == 1 and not report.ok
+    error = report.errors[0]
+    assert error.startswith(f"{layout.candidates_path(broken)}: ArrowInvalid: ")
+    assert error.endswith("; rebuild this slide's candidates (delete the file and rerun the build)")
+    # The others are still selected, to the same totals; the broken slide keeps no old selection.
+    assert not layout.selection_path(broken).exists()
+    assert read_selection(layout).groupby("split").size().to_dict() == {"train": 240, "val_in": 40, "val_out": 30}
+    assert broken not in report.slides_without_candidates
+    res = cli("data", "splits", "--out", layout.root)
+    assert res.exit_code == 1 and str(layout.candidates_path(broken)) in res.output
+
+
+def test_splits_command_keeps_a_null_budget_from_the_config(selected, tmp_path):
+    layout, _ = selected
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"slides": {"source": "synthetic-demo"}, "cohort": config(budget=None).cohort.model_dump(mode="json")}))
+    res = cli("data", "splits", "--out", layout.root, "--config", pipeline)
+    assert res.exit_code == 0, res.output
+    train = json.loads(layout.cohort_report_json.read_text())["splits"]["train"]
+    slides = pd.read_parquet(layout.slides_parquet)
+    capacity = sum(s.nx * s.ny for s in specs_with_trouble() if s.status == "ok"
+                   and s.slide_id in set(slides.loc[slides["split"] == "train", "slide_id"]))
+    assert train["target"] == train["achieved"] == capacity - 40
+    assert (read_selection(layout)["split"] == "train").sum() == capacity - 40

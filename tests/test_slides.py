@@ -117,7 +117,8 @@ def test_a_dicom_series_is_one_slide():
 
     folder = shared_file("slides")
     inv = inventory_from_folder(folder, kind="generic", extensions=[".dcm"])
-    assert inv["slide_id"].tolist() == ["boxes_0"]
+    # one slide for boxes_0.dcm and boxes_1.dcm (its two levels), named after the series' folder
+    assert inv["slide_id"].tolist() == [folder.name]
     with open_slide(inv.loc[0, "path"]) as s:
         assert s.vendor == "dicom" and s.level_count >= 1
 

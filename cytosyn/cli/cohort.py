@@ -13,29 +13,15 @@ from pydantic import ValidationError
 from cytosyn.cli.common import exit_on_errors, fail
 from cytosyn.cohort.audit import audit_dataset
 from cytosyn.cohort.barcodes import looks_like_tcga
-from cytosyn.cohort.inventory import inventory_from_csv, inventory_from_folder, inventory_from_gdc_manifests
 from cytosyn.cohort.selection import select_tiles, write_slide_split
 from cytosyn.cohort.splits import CANONICAL_COLUMNS, CANONICAL_SEED, canonical_val_out
 from cytosyn.cohort.tcga import canonical_val_out_path
-from cytosyn.config import SLIDE_EXTENSIONS, CohortConfig, ConfigError, load_config
+from cytosyn.config import CohortConfig, ConfigError, SlidesConfig, load_config
 from cytosyn.io.atomic import write_text_atomic
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.io.manifests import read_slides
 from cytosyn.io.schema import SLIDES
-
-
-def gdc_manifest_files(inputs: list[Path]) -> list[Path]:
-    """Manifest files, with each folder standing for the ``*.txt`` files in it."""
-    files: list[Path] = []
-    for p in inputs:
-        if p.is_dir():
-            found = sorted(p.glob("*.txt"))
-            if not found:
-                raise FileNotFoundError(f"{p}: no GDC manifest (*.txt) in this folder")
-            files += found
-        else:
-            files.append(p)
-    return files
+from cytosyn.pipeline.inventory import inventory_from_source
 
 
 def _parse_val_out(text: str) -> int | float:
@@ -45,14 +31,12 @@ def _parse_val_out(text: str) -> int | float:
         raise typer.BadParameter(f"{text!r}: give a slide count (1012) or a fraction (0.1)") from None
 
 
-def _take_inventory(gdc: list[Path], slides: Path | None, inventory: Path | None, metadata: Path | None, cohort: dict) -> pd.DataFrame:
-    names = cohort["kind"] if cohort.get("kind") in ("tcga", "generic") else "auto"
-    diagnostic_only = cohort.get("diagnostic_only", True)
+def _slide_source(gdc: list[Path] | None, slides: Path | None, inventory: Path | None, metadata: Path | None) -> SlidesConfig:
     if gdc:
-        return inventory_from_gdc_manifests(gdc_manifest_files(gdc), diagnostic_only=diagnostic_only)
+        return SlidesConfig(source="gdc", gdc_manifests=gdc)
     if slides is not None:
-        return inventory_from_folder(slides, names, SLIDE_EXTENSIONS, True, metadata, diagnostic_only)
-    return inventory_from_csv(inventory, names, diagnostic_only)
+        return SlidesConfig(source="folder", folder=slides, metadata_csv=metadata)
+    return SlidesConfig(source="csv", csv=inventory)
 
 
 def splits(
@@ -86,12 +70,21 @@ def splits(
             raise ConfigError(f"{out}: no slides.parquet to split; give --gdc-manifest, --slides or --inventory")
         own = layout.pipeline_yaml if not sources and layout.pipeline_yaml.exists() else None
         base = load_config(config or own) if (config or own) else None
-        given = base.cohort.model_dump(exclude_none=True) if base is not None and base.cohort is not None else {}
+        # The config's cohort as resolved (budget: null stays null), then the options that were given.
+        given = base.cohort.model_dump() if base is not None and base.cohort is not None else {}
         overrides = {"kind": kind, "val_out_list": val_out_list, "budget": budget,
                      "val_out_slides": _parse_val_out(val_out_slides) if val_out_slides else None}
         given.update({k: v for k, v in overrides.items() if v is not None})
+        frame = None
         if sources:
-            frame = _take_inventory(gdc_manifest or [], slides, inventory, metadata, given)
+            source = _slide_source(gdc_manifest, slides, inventory, metadata)
+            frame = inventory_from_source(source, given.get("kind"), given.get("diagnostic_only", True))
+        if "kind" not in given:
+            names = frame["slide_id"] if frame is not None else read_slides(layout)["slide_id"]
+            given["kind"] = "tcga" if any(looks_like_tcga(n) for n in names) else "generic"
+        # Validated before anything is written: a bad option must leave OUT as it was.
+        cohort = CohortConfig.model_validate(given)
+        if frame is not None:
             errors = frame.loc[frame["status"] == "error", "error"].tolist()
             excluded = int((frame["status"] == "excluded").sum())
             if excluded:
@@ -101,10 +94,6 @@ def splits(
             layout.root.mkdir(parents=True, exist_ok=True)
             # Nothing was opened: the slide-file columns (vendor, size, MPP…) stay empty.
             write_slides_manifest(layout, frame.reindex(columns=[*frame.columns, *(c for c in SLIDES.names if c not in frame)]))
-        if "kind" not in given:
-            names = read_slides(layout)["slide_id"]
-            given["kind"] = "tcga" if any(looks_like_tcga(n) for n in names) else "generic"
-        cohort = CohortConfig.model_validate(given)
         seed = seed if seed is not None else (base.seed if base is not None else CANONICAL_SEED)
         if built:
             report = select_tiles(layout, cohort, seed, workers or (base.workers if base else 1), base.dask_address if base else None)
@@ -140,9 +129,9 @@ def canonical_split(
     gdc: Annotated[list[Path], typer.Argument(help="the 32 GDC manifests, or the folder holding them")],
     out: Annotated[Optional[Path], typer.Option(help="also write the recomputed list here (CSV)")] = None,
 ) -> None:
-    """Recompute the paper's val_out slide list and diff it against the one shipped in manifests/."""
+    """Recompute the canonical val_out list (the paper's setting) and diff it against the one in manifests/."""
     try:
-        fresh = canonical_val_out(gdc_manifest_files(gdc))
+        fresh = canonical_val_out(gdc)
     except (ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
     if out is not None:

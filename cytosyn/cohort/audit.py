@@ -1,8 +1,9 @@
 """Leakage and fidelity audit of a dataset root's splits (``cytosyn data audit``).
 
-Reads slides.parquet (with its ``split`` column) and the tile manifest — ``tiles/`` when the build
+Reads slides.parquet (with its ``split`` column), the tile manifest — ``tiles/`` when the build
 extracted tiles, else ``selection/`` — one slide file at a time, so it runs on 40M-tile datasets in
-bounded memory. Every check reports its violations; any violation fails the audit.
+bounded memory, and the candidate files' row counts (each slide's capacity). Every check reports its
+violations; any violation fails the audit.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from cytosyn.cohort.splits import GUIDANCE, TRAIN, VAL_IN, VAL_OUT, cohort_members, rounding_floor_tvd
-from cytosyn.cohort.stratify import tvd
+from cytosyn.cohort.selection import candidate_counts, split_fidelity, split_sources
+from cytosyn.cohort.splits import GUIDANCE, TRAIN, VAL_IN, VAL_OUT, cohort_members, val_out_fidelity
 from cytosyn.io.schema import SPLITS
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.io.manifests import read_slides, topup_tile_ids
@@ -138,7 +139,7 @@ def _cohort_settings(layout: DatasetLayout) -> tuple[str, dict | None]:
 
 
 def audit_dataset(layout: DatasetLayout, max_tvd: float = 0.05) -> AuditReport:
-    """Check a dataset's splits; ``max_tvd`` bounds each distribution's excess over its rounding floor."""
+    """Check a dataset's splits; ``max_tvd`` bounds each distribution's TVD above the best possible."""
     kind, plan = _cohort_settings(layout)
     slides = read_slides(layout)
     source, files = _tile_source(layout)
@@ -186,7 +187,10 @@ def audit_dataset(layout: DatasetLayout, max_tvd: float = 0.05) -> AuditReport:
         project_check.info = {"projects": int(members["project"].nunique()), "in_val_out": len(held & set(members["project"])),
                               "single_patient_projects": sorted(patients[patients == 1].index)}
 
-    _check_budget_and_distribution(plan, slides, counts, budget_check, dist_check, kind, max_tvd)
+    # In the flag representation guidance tiles are counted from the flag, every other split by value.
+    column = {TRAIN: TRAIN, VAL_IN: VAL_IN, VAL_OUT: VAL_OUT, GUIDANCE: GUIDANCE if kind == "external" else GUIDANCE + "_flag"}
+    _check_budget(plan, counts, budget_check, column)
+    _check_distribution(layout, slides, counts, dist_check, column, kind, max_tvd)
     return AuditReport(str(layout.root), source, kind, checks)
 
 
@@ -239,12 +243,10 @@ def _scan_tiles(
     return frame.set_index("slide_id") if not frame.empty else frame
 
 
-def _check_budget_and_distribution(plan, slides, counts, budget_check, dist_check, kind, max_tvd) -> None:
+def _check_budget(plan: dict | None, counts: pd.DataFrame, budget_check: Check, column: dict[str, str]) -> None:
     if plan is None:
-        budget_check.skipped = dist_check.skipped = "no reports/cohort.json (the dataset has no cohort selection)"
+        budget_check.skipped = "no reports/cohort.json (the dataset has no cohort selection)"
         return
-    # In the flag representation guidance tiles are counted from the flag, every other split by value.
-    column = {TRAIN: TRAIN, VAL_IN: VAL_IN, VAL_OUT: VAL_OUT, GUIDANCE: GUIDANCE if kind == "external" else GUIDANCE + "_flag"}
     for name, d in plan["splits"].items():
         have = int(counts[column[name]].sum()) if len(counts) else 0
         budget_check.info[name] = {"target": d["target"], "planned": d["achieved"], "in_dataset": have}
@@ -253,29 +255,32 @@ def _check_budget_and_distribution(plan, slides, counts, budget_check, dist_chec
         if d["achieved"] < d["target"]:
             budget_check.info[name]["shortfall"] = f"{d['target'] - d['achieved']} tiles asked for could not be supplied"
 
-    s = plan["slides"]
-    excess = s["tvd_tss"] - s["tvd_tss_floor"]
-    dist_check.info["val_out slides"] = {"tvd_tss": s["tvd_tss"], "floor": s["tvd_tss_floor"], "tvd_project": s["tvd_project"]}
-    if kind != "external" and excess > max_tvd:
-        dist_check.fail(f"val_out slides: site TVD {s['tvd_tss']:.4f} exceeds its rounding floor {s['tvd_tss_floor']:.4f} by more than {max_tvd}")
 
-    if kind == "external":
-        # The target there is each slide's share of all candidates, which only the selection knows.
-        dist_check.info.update({n: {k: d[k] for k in ("tvd_tss", "tvd_tss_floor", "tvd_project")} for n, d in plan["splits"].items()})
+def _check_distribution(layout: DatasetLayout, slides: pd.DataFrame, counts: pd.DataFrame, dist_check: Check,
+                        column: dict[str, str], kind: str, max_tvd: float) -> None:
+    """Recomputed from slides.parquet, the candidate counts and the tiles, never taken from the
+    selection's report: the audit must catch a dataset whose files no longer match what was reported."""
+    external = kind == "external"
+    members = slides[cohort_members(slides)]
+    if not external:
+        s = val_out_fidelity(members, members["split"] == VAL_OUT)
+        dist_check.info["val_out slides"] = s
+        if s["tvd_tss"] - s["tvd_tss_floor"] > max_tvd:
+            dist_check.fail(f"val_out slides: site TVD {s['tvd_tss']:.4f} exceeds its best possible {s['tvd_tss_floor']:.4f} by more than {max_tvd}")
+    if not len(counts):
         return
-    members = slides[cohort_members(slides) & (slides["status"] == "ok")]
-    for name in plan["splits"]:
-        src = members[members["split"] == (VAL_OUT if name == VAL_OUT else TRAIN)]
-        got = counts[column[name]].reindex(src["slide_id"], fill_value=0).to_numpy() if len(counts) else np.zeros(len(src))
-        by_tss = pd.Series(got, index=src.index).groupby(src["tss_code"]).sum().to_dict()
-        by_project = pd.Series(got, index=src.index).groupby(src["project"]).sum().to_dict()
-        target_tss = src["tss_code"].value_counts().to_dict()
-        target_project = src["project"].value_counts().to_dict()
-        t_tss, t_proj = tvd(by_tss, target_tss), tvd(by_project, target_project)
-        total = int(sum(by_tss.values()))
-        floor, floor_proj = rounding_floor_tvd(total, target_tss), rounding_floor_tvd(total, target_project)
-        dist_check.info[name] = {"tvd_tss": t_tss, "floor": floor, "tvd_project": t_proj, "floor_project": floor_proj}
-        if t_tss - floor > max_tvd:
-            dist_check.fail(f"{name}: site TVD {t_tss:.4f} exceeds its rounding floor {floor:.4f} by more than {max_tvd}")
-        if t_proj - floor_proj > max_tvd:
-            dist_check.fail(f"{name}: project TVD {t_proj:.4f} exceeds its rounding floor {floor_proj:.4f} by more than {max_tvd}")
+    usable = slides[(slides["status"] == "ok") & slides["split"].notna()]
+    capacity, unreadable = candidate_counts(layout, usable["slide_id"].tolist())
+    dist_check.violations += [unreadable[k] for k in sorted(unreadable)]
+    usable = usable.assign(capacity=capacity)
+    for name, side in split_sources(external).items():
+        src = usable[usable["split"] == side]
+        drawn = {split: counts[col].reindex(src["slide_id"], fill_value=0).to_numpy() for split, col in column.items()}
+        if not drawn[name].any():
+            continue
+        d = split_fidelity(name, src, drawn, external)
+        dist_check.info[name] = d
+        for level, what in (("tss", "site"), ("project", "project")):
+            if d[f"tvd_{level}"] - d[f"tvd_{level}_floor"] > max_tvd:
+                dist_check.fail(f"{name}: {what} TVD {d[f'tvd_{level}']:.4f} exceeds its best possible "
+                                f"{d[f'tvd_{level}_floor']:.4f} by more than {max_tvd}")

@@ -14,7 +14,7 @@ SLIDE_TYPES = ("DX", "TS", "BS", "MS")  # diagnostic (FFPE); top, bottom, middle
 
 _BARCODE = re.compile(
     r"^TCGA-(?P<tss>[0-9A-Z]{2})-(?P<participant>[0-9A-Z]{4})-(?P<sample>\d{2})(?P<vial>[A-Z])"
-    r"-(?P<portion>\d{2})-(?P<slide_type>DX|TS|BS|MS)(?P<slide_number>[0-9A-Z]+)$"
+    rf"-(?P<portion>\d{{2}})-(?P<slide_type>{'|'.join(SLIDE_TYPES)})(?P<slide_number>[0-9A-Z]+)$"
 )
 
 

@@ -138,6 +138,12 @@ def _finalise(rows: list[dict], kind: str, diagnostic_only: bool) -> pd.DataFram
                 f"{row['path']}: tissue source site {row['tss_code']} is {site}, so the slide has no project; "
                 "give its project in a GDC manifest named after it or in a metadata CSV"
             )
+        elif kind == "tcga" and row["status"] == "ok" and not tcga.is_known_sample_type(row["sample_type"]):
+            row["status"] = "error"
+            row["error"] = (
+                f"{row['path']}: sample type {row['sample_type']} is not in manifests/sampleType.csv; "
+                "check the barcode's sample field (01 = primary solid tumour, 11 = solid tissue normal, …)"
+            )
         elif diagnostic_only and row["status"] == "ok" and row["slide_type"] not in (None, DIAGNOSTIC):
             row["status"] = "excluded"
             row["error"] = (
@@ -176,24 +182,27 @@ def _resolve_duplicates(frame: pd.DataFrame) -> pd.DataFrame:
     return order
 
 
-def _list_slide_files(folder: Path, extensions: Sequence[str], recursive: bool) -> list[Path]:
+def _list_slide_files(folder: Path, extensions: Sequence[str], recursive: bool) -> list[tuple[Path, str]]:
+    """(file, the name its cohort columns are parsed from) of every slide under ``folder``."""
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     pattern = folder.rglob("*") if recursive else folder.glob("*")
     files = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
     return _one_file_per_dicom_series(files)
 
 
-def _one_file_per_dicom_series(files: list[Path]) -> list[Path]:
+def _one_file_per_dicom_series(files: list[Path]) -> list[tuple[Path, str]]:
     """A DICOM slide is a folder of .dcm files (one per level); OpenSlide opens the whole series from
-    any of them, so each folder counts once, named by its first file."""
+    any of them, so each folder counts once, by its first file. The series is named after its folder:
+    the files inside are often numbered alike (``0.dcm``, ``1.dcm``) in every series."""
     seen: set[Path] = set()
     kept = []
     for f in files:
-        if f.suffix.lower() == ".dcm":
-            if f.parent in seen:
-                continue
+        if f.suffix.lower() != ".dcm":
+            kept.append((f, f.name))
+        elif f.parent not in seen:
             seen.add(f.parent)
-        kept.append(f)
+            # Named as if the folder were the file: its stem (generic) or barcode part (TCGA) is the folder name.
+            kept.append((f, f.parent.name + f.suffix))
     return kept
 
 
@@ -215,8 +224,8 @@ def inventory_from_folder(
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such slide folder; check slides.folder in the config")
     files = _list_slide_files(folder, extensions, recursive)
-    kind = _detect_kind((f.name for f in files), kind)
-    rows = [_row(str(f), f.name, str(f.relative_to(folder)), kind) for f in files]
+    kind = _detect_kind((name for _, name in files), kind)
+    rows = [_row(str(f), name, str(f.relative_to(folder)), kind) for f, name in files]
     if metadata_csv is not None:
         _apply_metadata(rows, metadata_csv)
     return _finalise(rows, kind, diagnostic_only)
@@ -242,19 +251,33 @@ def gdc_manifest_project(path: str | Path) -> str | None:
     return hits[-1] if hits else None
 
 
+def gdc_manifest_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """Manifest files, with each folder standing for the ``*.txt`` files in it."""
+    files: list[Path] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            found = sorted(p.glob("*.txt"))
+            if not found:
+                raise FileNotFoundError(f"{p}: no GDC manifest (*.txt) in this folder; give the manifest files or the folder holding them")
+            files += found
+        else:
+            files.append(p)
+    return files
+
+
 def inventory_from_gdc_manifests(
     files: Sequence[str | Path],
     slides_root: str | Path | None = None,
     diagnostic_only: bool = True,
 ) -> pd.DataFrame:
-    """Slides listed in GDC manifests; always a TCGA cohort.
+    """Slides listed in GDC manifests (files, or folders of ``*.txt`` manifests); always a TCGA cohort.
 
     ``path`` is ``slides_root/<file id>/<filename>`` (the gdc-client layout) or
     ``slides_root/<filename>`` when only that exists; without ``slides_root`` it is the file name.
     """
     root = Path(slides_root) if slides_root is not None else None
     entries = []
-    for manifest in files:
+    for manifest in gdc_manifest_files(files):
         project = gdc_manifest_project(manifest)
         for file_id, filename in zip(*(read_gdc_manifest(manifest)[c] for c in ("id", "filename"))):
             entries.append((filename, file_id, project))

@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cytosyn.cohort.splits import GUIDANCE, TRAIN, VAL_IN, VAL_OUT, SlideSplitReport, assign_slide_splits, rounding_floor_tvd
+from cytosyn.cohort.splits import GUIDANCE, TRAIN, VAL_IN, VAL_OUT, SlideSplitReport, assign_slide_splits
 from cytosyn.cohort.stratify import apportion, tvd
 from cytosyn.config import CohortConfig, ConfigError, PipelineConfig
 from cytosyn.errors import one_line
@@ -51,22 +51,49 @@ def _selection_seed(seed: int) -> int:
     return stable_hash("cohort-selection", seed)
 
 
+def _strata(slides: pd.DataFrame) -> np.ndarray:
+    return (slides["project"].astype(str) + "/" + slides["tss_code"].astype(str)).to_numpy()
+
+
+def stratum_allocation(total: int, strata: np.ndarray, weights: np.ndarray, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The best capacity-respecting split of ``total`` over strata: ``apportion`` in proportion to each
+    stratum's summed ``weights``, none above its slides' summed ``caps``. Returns (the stratum index of
+    every slide, each stratum's count)."""
+    codes, inverse = np.unique(strata, return_inverse=True)
+    per_weight = np.bincount(inverse, weights=weights, minlength=len(codes))
+    per_cap = np.bincount(inverse, weights=caps, minlength=len(codes)).astype(np.int64)
+    stratum_key = np.array([stable_hash("stratum", c) for c in codes], dtype=np.int64)
+    return inverse, apportion(total, per_weight, per_cap, stratum_key)
+
+
 def _two_level(total: int, strata: np.ndarray, caps: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     """Apportion ``total`` to strata by their slide counts, then evenly within each stratum."""
     out = np.zeros(len(caps), dtype=np.int64)
     if len(caps) == 0:
         return out
-    codes, inverse = np.unique(strata, return_inverse=True)
-    slides_per = np.bincount(inverse, minlength=len(codes))
-    caps_per = np.bincount(inverse, weights=caps, minlength=len(codes)).astype(np.int64)
-    stratum_key = np.array([stable_hash("stratum", c) for c in codes], dtype=np.int64)
-    quota = apportion(total, slides_per, caps_per, stratum_key)
+    inverse, quota = stratum_allocation(total, strata, np.ones(len(caps)), caps)
     order = np.argsort(inverse, kind="stable")
-    bounds = np.concatenate(([0], np.cumsum(slides_per)))
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(inverse, minlength=len(quota)))))
     for s in np.flatnonzero(quota):
         idx = order[bounds[s] : bounds[s + 1]]
         out[idx] = apportion(int(quota[s]), np.ones(idx.size), caps[idx], tiebreak[idx])
     return out
+
+
+def split_capacity(name: str, capacity: np.ndarray, drawn: dict[str, np.ndarray], external: bool) -> np.ndarray:
+    """What each source slide of split ``name`` can supply to it, given the per-slide counts ``drawn``
+    of the splits taken before it from the same slides (val_in → train → guidance; guidance → val_out
+    in an external cohort)."""
+    if external:
+        return capacity if name == GUIDANCE else capacity - drawn[GUIDANCE]
+    if name == VAL_IN:
+        # Every slide keeps at least one cell for training.
+        return np.maximum(capacity - 1, 0)
+    if name == TRAIN:
+        return capacity - drawn[VAL_IN]
+    if name == GUIDANCE:
+        return drawn[TRAIN]
+    return capacity
 
 
 def plan_selection(slides: pd.DataFrame, cohort: CohortConfig, seed: int) -> pd.DataFrame:
@@ -78,23 +105,24 @@ def plan_selection(slides: pd.DataFrame, cohort: CohortConfig, seed: int) -> pd.
     p = slides[["slide_id", "tss_code", "project", "split", "capacity"]].sort_values("slide_id", kind="stable")
     p = p.reset_index(drop=True)
     cap = p["capacity"].to_numpy(dtype=np.int64)
-    strata = (p["project"].astype(str) + "/" + p["tss_code"].astype(str)).to_numpy()
+    strata = _strata(p)
     tiebreak = np.array([stable_hash(seed, "tiles", s) for s in p["slide_id"]], dtype=np.int64)
     counts = {col: np.zeros(len(p), dtype=np.int64) for col in COUNT_COLUMNS.values()}
     if cohort.kind == "external":
-        counts["n_guidance"] = apportion(cohort.conditioning_tiles, cap, cap, tiebreak)
-        counts["n_val_out"] = apportion(cohort.reference_tiles, cap, cap - counts["n_guidance"], tiebreak)
+        guidance = apportion(cohort.conditioning_tiles, cap, split_capacity(GUIDANCE, cap, {}, True), tiebreak)
+        counts["n_guidance"] = guidance
+        counts["n_val_out"] = apportion(cohort.reference_tiles, cap, split_capacity(VAL_OUT, cap, {GUIDANCE: guidance}, True), tiebreak)
     else:
         tr = np.flatnonzero(p["split"].to_numpy() == TRAIN)
         out = np.flatnonzero(p["split"].to_numpy() == VAL_OUT)
-        vin = _two_level(cohort.val_in_tiles, strata[tr], np.maximum(cap[tr] - 1, 0), tiebreak[tr])
-        left = cap[tr] - vin
+        vin = _two_level(cohort.val_in_tiles, strata[tr], split_capacity(VAL_IN, cap[tr], {}, False), tiebreak[tr])
+        left = split_capacity(TRAIN, cap[tr], {VAL_IN: vin}, False)
         budget = int(left.sum()) if cohort.budget is None else cohort.budget
         n_train = _two_level(budget, strata[tr], left, tiebreak[tr])
         counts["n_val_in"][tr] = vin
         counts["n_train"][tr] = n_train
-        counts["n_guidance"][tr] = _two_level(cohort.guidance_tiles, strata[tr], n_train, tiebreak[tr])
-        counts["n_val_out"][out] = _two_level(cohort.val_out_tiles, strata[out], cap[out], tiebreak[out])
+        counts["n_guidance"][tr] = _two_level(cohort.guidance_tiles, strata[tr], split_capacity(GUIDANCE, cap[tr], {TRAIN: n_train}, False), tiebreak[tr])
+        counts["n_val_out"][out] = _two_level(cohort.val_out_tiles, strata[out], split_capacity(VAL_OUT, cap[out], {}, False), tiebreak[out])
     for col, values in counts.items():
         p[col] = values
     return p[PLAN_COLUMNS]
@@ -140,8 +168,24 @@ def _select_slide(job: _SlideJob) -> dict:
         write_slide_selection(layout, job.slide_id, picked)
         return {"slide_id": job.slide_id, "error": None}
     except Exception as exc:  # one unreadable candidate file must not stop the other slides
-        reason = f"{exc.__class__.__name__}: {one_line(exc)}"
-        return {"slide_id": job.slide_id, "error": f"{layout.candidates_path(job.slide_id)}: {reason}; rebuild this slide's candidates"}
+        return {"slide_id": job.slide_id, "error": _candidates_error(layout.candidates_path(job.slide_id), exc)}
+
+
+def _candidates_error(path: Path, exc: Exception) -> str:
+    return f"{path}: {exc.__class__.__name__}: {one_line(exc)}; rebuild this slide's candidates (delete the file and rerun the build)"
+
+
+def candidate_counts(layout: DatasetLayout, slide_ids: list[str]) -> tuple[np.ndarray, dict[str, str]]:
+    """Each slide's number of candidate cells (0 without a file), read from the Parquet footers, and
+    the error of every slide whose file cannot be read (its count is 0)."""
+    counts, errors = np.zeros(len(slide_ids), dtype=np.int64), {}
+    for i, slide_id in enumerate(slide_ids):
+        path = layout.candidates_path(slide_id)
+        try:
+            counts[i] = pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+        except Exception as exc:  # a corrupt file is its slide's error; the others go on
+            errors[slide_id] = _candidates_error(path, exc)
+    return counts, errors
 
 
 @dataclass
@@ -192,12 +236,13 @@ class SelectionReport:
         names = list(self.splits)
         lines = [
             "",
-            "| split | target | achieved | TVD per site | rounding floor | TVD per project |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| split | target | achieved | TVD per site | best possible | TVD per project | best possible |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, d in self.splits.items():
             lines.append(
-                f"| {name} | {d['target']} | {d['achieved']} | {d['tvd_tss']:.4f} | {d['tvd_tss_floor']:.4f} | {d['tvd_project']:.4f} |"
+                f"| {name} | {d['target']} | {d['achieved']} | {d['tvd_tss']:.4f} | {d['tvd_tss_floor']:.4f} "
+                f"| {d['tvd_project']:.4f} | {d['tvd_project_floor']:.4f} |"
             )
         lines += ["", "## Per project (tiles: achieved / target)", "", "| project | " + " | ".join(names) + " |",
                   "|---|" + "---:|" * len(names)]
@@ -213,39 +258,66 @@ class SelectionReport:
         return lines
 
 
+def split_sources(external: bool) -> dict[str, str]:
+    """Every tile split the selection draws, and the slide split it is drawn from."""
+    if external:
+        return {GUIDANCE: VAL_OUT, VAL_OUT: VAL_OUT}
+    return {TRAIN: TRAIN, VAL_IN: TRAIN, GUIDANCE: TRAIN, VAL_OUT: VAL_OUT}
+
+
 def _split_targets(cohort: CohortConfig, plan: pd.DataFrame) -> dict[str, tuple[int, str]]:
-    """Each split's asked total and the slide split whose site shares it mirrors."""
+    """Each split's asked total and the slide split it is drawn from."""
     if cohort.kind == "external":
-        return {GUIDANCE: (cohort.conditioning_tiles, VAL_OUT), VAL_OUT: (cohort.reference_tiles, VAL_OUT)}
-    budget = int(plan.loc[plan["split"] == TRAIN, "capacity"].sum()) if cohort.budget is None else cohort.budget
-    return {
-        TRAIN: (budget, TRAIN),
-        VAL_IN: (cohort.val_in_tiles, TRAIN),
-        GUIDANCE: (cohort.guidance_tiles, TRAIN),
-        VAL_OUT: (cohort.val_out_tiles, VAL_OUT),
-    }
+        targets = {GUIDANCE: cohort.conditioning_tiles, VAL_OUT: cohort.reference_tiles}
+    else:
+        if cohort.budget is None:
+            tr = plan[plan["split"] == TRAIN]
+            budget = int(split_capacity(TRAIN, tr["capacity"].to_numpy(), {VAL_IN: tr["n_val_in"].to_numpy()}, False).sum())
+        else:
+            budget = cohort.budget
+        targets = {TRAIN: budget, VAL_IN: cohort.val_in_tiles, GUIDANCE: cohort.guidance_tiles, VAL_OUT: cohort.val_out_tiles}
+    return {name: (targets[name], side) for name, side in split_sources(cohort.kind == "external").items()}
+
+
+def split_fidelity(name: str, src: pd.DataFrame, drawn: dict[str, np.ndarray], external: bool) -> dict[str, float]:
+    """How far split ``name``'s tiles are from its target distribution, per site and per project.
+
+    ``src`` holds the split's source slides (tss_code, project, capacity) and ``drawn`` every split's
+    per-slide tile counts on them. The target is each site's (project's) share of the source slides
+    (of their candidates in an external cohort). The floor is the TVD of the best allocation of the
+    same number of tiles to (project, site) strata that respects what each stratum's slides can
+    supply (``stratum_allocation``, the selection's own first step): capacity and whole tiles keep
+    even a perfect selection that far from the target.
+    """
+    capacity = src["capacity"].to_numpy(dtype=np.int64)
+    weights = capacity if external else np.ones(len(src), dtype=np.int64)
+    got = drawn[name]
+    inverse, best = stratum_allocation(int(got.sum()), _strata(src), weights, split_capacity(name, capacity, drawn, external))
+    first = np.unique(inverse, return_index=True)[1]
+    out = {}
+    for level, column in (("tss", "tss_code"), ("project", "project")):
+        keys = src[column].to_numpy()
+        target = pd.Series(weights).groupby(keys).sum().to_dict()
+        out[f"tvd_{level}"] = tvd(pd.Series(got).groupby(keys).sum().to_dict(), target)
+        out[f"tvd_{level}_floor"] = tvd(pd.Series(best).groupby(keys[first]).sum().to_dict(), target)
+    return out
 
 
 def summarise(plan: pd.DataFrame, cohort: CohortConfig) -> tuple[dict, list[dict], list[dict]]:
-    """Achieved vs target per split, per site and per project. A split's target distribution is the
-    site (or project) share of the slides it is drawn from; for an external cohort, the candidates."""
+    """Achieved vs target per split (``split_fidelity``), and achieved vs each site's and project's
+    share of the target."""
+    external = cohort.kind == "external"
     splits, tss_rows, project_rows = {}, {}, {}
     for name, (target, side) in _split_targets(cohort, plan).items():
         src = plan[plan["split"] == side]
-        weight = src["capacity"] if cohort.kind == "external" else pd.Series(1, index=src.index)
+        weight = src["capacity"] if external else pd.Series(1, index=src.index)
         got = src[COUNT_COLUMNS[name]]
-        achieved = int(got.sum())
+        drawn = {split: src[column].to_numpy() for split, column in COUNT_COLUMNS.items()}
+        splits[name] = {"target": int(target), "achieved": int(got.sum()), **split_fidelity(name, src, drawn, external)}
         per_tss_w = weight.groupby(src["tss_code"]).sum()
         per_tss = got.groupby(src["tss_code"]).sum()
         per_proj_w = weight.groupby(src["project"]).sum()
         per_proj = got.groupby(src["project"]).sum()
-        splits[name] = {
-            "target": int(target),
-            "achieved": achieved,
-            "tvd_tss": tvd(per_tss.to_dict(), per_tss_w.to_dict()),
-            "tvd_tss_floor": rounding_floor_tvd(achieved, per_tss_w.to_dict()),
-            "tvd_project": tvd(per_proj.to_dict(), per_proj_w.to_dict()),
-        }
         for table, counts, weights, key in ((tss_rows, per_tss, per_tss_w, "tss_code"), (project_rows, per_proj, per_proj_w, "project")):
             for k in weights.index:
                 row = table.setdefault(k, {key: k})
@@ -258,10 +330,6 @@ def summarise(plan: pd.DataFrame, cohort: CohortConfig) -> tuple[dict, list[dict
     tss_list = [fill | tss_rows[k] for k in sorted(tss_rows)]
     project_list = [fill | project_rows[k] for k in sorted(project_rows)]
     return splits, tss_list, project_list
-
-
-def _candidate_count(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
 
 
 def write_slide_splits(layout: DatasetLayout, split: dict[str, str | None]) -> None:
@@ -302,19 +370,19 @@ def select_tiles(
     ``reports/cohort.{json,md}``. Per-slide failures are recorded in the report, never raised."""
     slides, split_report = _split_slides(layout, cohort, seed)
     usable = slides[(slides["status"] == "ok") & slides["split"].notna()].copy()
-    usable["capacity"] = [_candidate_count(layout.candidates_path(s)) for s in usable["slide_id"]]
+    usable["capacity"], unreadable = candidate_counts(layout, usable["slide_id"].tolist())
     plan = plan_selection(usable, cohort, seed)
 
     jobs = [
         _SlideJob(str(layout.root), r.slide_id, seed, cohort.kind == "external",
                   tuple((c, int(getattr(r, c))) for c in COUNT_COLUMNS.values()))
         for r in plan.itertuples(index=False)
+        if r.slide_id not in unreadable
     ]
-    results = sorted(
-        map_unordered(_select_slide, jobs, workers=workers, dask_address=dask_address, desc="selection"),
-        key=lambda r: r["slide_id"],
-    )
-    stale = _remove_stale_selections(layout, set(plan["slide_id"]))
+    results = map_unordered(_select_slide, jobs, workers=workers, dask_address=dask_address, desc="selection")
+    errors = {r["slide_id"]: r["error"] for r in results if r["error"]} | unreadable
+    # A slide whose candidates cannot be read gets no selection: an old one would not match the plan.
+    stale = _remove_stale_selections(layout, set(plan["slide_id"]) - set(unreadable))
 
     splits, per_tss, per_project = summarise(plan, cohort)
     report = SelectionReport(
@@ -324,8 +392,8 @@ def select_tiles(
         splits=splits,
         per_tss=per_tss,
         per_project=per_project,
-        slides_without_candidates=sorted(plan.loc[plan["capacity"] == 0, "slide_id"]),
-        errors=[r["error"] for r in results if r["error"]],
+        slides_without_candidates=sorted(plan.loc[(plan["capacity"] == 0) & ~plan["slide_id"].isin(unreadable), "slide_id"]),
+        errors=[errors[k] for k in sorted(errors)],
         stale_removed=stale,
     )
     _write_report(layout, report)

@@ -63,6 +63,15 @@ def sample_types() -> pd.DataFrame:
 
 
 @lru_cache(maxsize=1)
+def _sample_codes() -> frozenset[str]:
+    return frozenset(sample_types()["code"])
+
+
+def is_known_sample_type(code: str) -> bool:
+    return code in _sample_codes()
+
+
+@lru_cache(maxsize=1)
 def _tss_projects() -> dict[str, str | None]:
     t = tss_table()
     return dict(zip(t["tss_code"], t["project"]))
