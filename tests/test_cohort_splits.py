@@ -185,3 +185,11 @@ def test_splits_command_checks_its_options_before_writing(tmp_path):
         assert not out.exists()
     assert cli("data", "splits", "--gdc-manifest", manifest, "--out", out, "--val-out-slides", "0").exit_code == 0
     assert (out / "slides.parquet").exists()
+
+
+def test_asking_for_fewer_slides_than_projects_says_why_more_are_held_out():
+    split, report = assign_slide_splits(small_cohort(), CohortConfig(val_out_slides=2), seed=0)
+    assert report.projects_in_val_out == 3 and (split == "val_out").sum() == report.val_out > 2
+    assert report.notes == [
+        f"val_out has {report.val_out} slides, not 2: every project with more than one patient holds out at least one (3 projects)"
+    ]

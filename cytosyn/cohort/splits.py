@@ -170,7 +170,13 @@ def _stratified_val_out(m: pd.DataFrame, target: int, seed: int, notes: list[str
     _balance(patients, taken, strata, target)
     achieved = int(patients.loc[taken, "n"].sum())
     if achieved != target:
-        notes.append(f"val_out has {achieved} slides, not {target}: whole patients could not fill the count exactly")
+        covered = patients.loc[taken, "project"].nunique()
+        why = (
+            f"every project with more than one patient holds out at least one ({covered} projects)"
+            if achieved > target and covered > target
+            else "whole patients could not fill the count exactly"
+        )
+        notes.append(f"val_out has {achieved} slides, not {target}: {why}")
     return m["patient_id"].map(taken)
 
 
