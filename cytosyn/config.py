@@ -73,12 +73,9 @@ class CurationConfig(_Section):
     timm_overrides: dict[str, int | float | str | bool] = Field(default_factory=dict, description="e.g. {depth: 4}")
     heads: Path | None = Field(default=None, description="trained heads folder; the build then curates with them (else the demo trains on ground truth)")
     weights: str | None = Field(default=None, description="local weights file (an iBOT/DINO teacher checkpoint works), or random-init (demo)")
-
-    @field_validator("weights", mode="before")
-    @classmethod
-    def _path_as_text(cls, value: object) -> object:
-        return str(value) if isinstance(value, Path) else value
     weights_subkey: str | None = None
+    mean: tuple[float, float, float] | None = Field(default=None, description="RGB input mean on the 0–1 scale; replaces the backbone's own")
+    std: tuple[float, float, float] | None = Field(default=None, description="RGB input std on the 0–1 scale; replaces the backbone's own")
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -90,6 +87,18 @@ class CurationConfig(_Section):
     filters: CurationFiltersConfig = Field(default_factory=CurationFiltersConfig)
     gt_artifact_fraction: float = Field(default=0.25, gt=0.0, le=1.0, description="demo labels: artifact when covered ≥ this")
     demo_holdout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None and min(value) <= 0:
+            raise ValueError(f"every std value must be > 0 (inputs are divided by it); got {list(value)}")
+        return value
 
 
 class CohortConfig(_Section):

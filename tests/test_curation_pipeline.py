@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from helpers import run_cli
 from cytosyn.config import CurationConfig, parse_config
@@ -21,6 +22,7 @@ from cytosyn.curation.demo import run_demo_curation
 from cytosyn.curation.features import _read_cache
 from cytosyn.io import schema
 from cytosyn.io.layout import DatasetLayout
+from cytosyn.io.manifests import topup_tile_ids
 from cytosyn.pipeline.build import build_dataset
 from cytosyn.slides.synthetic import write_synthetic_slide
 
@@ -105,6 +107,13 @@ def test_annotation_rows_resolve_to_pngs_and_bad_rows_are_reported(dataset, tmp_
     assert any("label 'maybe' is neither tissue nor artifact" in e for e in resolved.errors)
     assert any("images/nowhere.png does not exist" in e for e in resolved.errors)
     assert all(f"{path} row" in e for e in resolved.errors)
+    # The coordinate row of a tile the dataset holds resolves to that tile's PNG under images/.
+    layout = DatasetLayout(dataset)
+    held = pd.read_parquet(layout.tiles_path(SLIDES[4][0])).iloc[0]
+    by_coordinates = resolved.table.iloc[len(gt)]
+    assert Path(held["image_path"]).parts[0] == "images"
+    assert by_coordinates["image_path"] == str(layout.resolve(held["image_path"]))
+    assert by_coordinates["image_sha256"] == held["image_sha256"] and by_coordinates["slide_id"] == held["slide_id"]
     read_from_slide = resolved.table.iloc[-1]
     assert "/curation/annotation_tiles/" in read_from_slide["image_path"]
     png = cv2.imread(read_from_slide["image_path"])
@@ -112,6 +121,17 @@ def test_annotation_rows_resolve_to_pngs_and_bad_rows_are_reported(dataset, tmp_
     assert hashlib.sha256(Path(read_from_slide["image_path"]).read_bytes()).hexdigest() == read_from_slide["image_sha256"]
     # Image rows take the slide id from the PNG's folder (images/<project>/<slide_id>/…).
     assert set(resolved.table["slide_id"]) == {name for name, _ in SLIDES}
+
+
+def test_train_with_no_usable_annotation_row_is_one_error_line_naming_the_file(tmp_path):
+    ann = tmp_path / "all-bad.csv"
+    pd.DataFrame({"image_path": ["gone.png", "gone.png"], "label": ["tissue", "maybe"]}).to_csv(ann, index=False)
+    res = run_cli("data", "curate", "train", "--annotations", ann, "--out", tmp_path / "heads", *DEPTH)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {ann}: no usable annotation (2 bad row(s)"), res.stderr
+    assert "gone.png does not exist" in lines[0]
+    assert not (tmp_path / "heads").exists()
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +266,26 @@ def test_an_unreadable_tile_is_reported_and_the_rest_is_curated(curated_copy):
     assert all(layout.tiles_path(n).exists() for n, _ in SLIDES)
 
 
+def test_predict_takes_the_weights_from_the_heads_and_an_explicit_option_wins(curated_copy, tmp_path):
+    """The heads were trained on a random init: a config naming some weights file does not change that."""
+    import timm
+    from safetensors.torch import save_file
+
+    dataset = curated_copy
+    other = tmp_path / "other.safetensors"
+    model = timm.create_model("vit_small_patch16_224", num_classes=0, depth=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(other))
+    raw = yaml.safe_load((dataset / "pipeline.yaml").read_text())
+    config = tmp_path / "with-weights.yaml"
+    config.write_text(yaml.safe_dump(raw | {"curation": {"weights": str(other), "timm_overrides": {"depth": 2}}}))
+    res = run_cli("data", "curate", "predict", dataset, "--config", config)
+    assert res.returncode == 0, res.stderr
+    assert "random init" in json.loads((DatasetLayout(dataset).curation_dir / "predict_report.json").read_text())["backbone"]
+    res = run_cli("data", "curate", "predict", dataset, "--weights", other)
+    assert res.returncode == 2
+    assert f"error: {other}: the heads were trained on a randomly initialised backbone" in res.stderr
+
+
 def test_missing_heads_is_a_clear_error(dataset):
     res = run_cli("data", "curate", "predict", dataset)
     assert res.returncode == 2
@@ -276,6 +316,18 @@ def test_demo_curation_reports_held_out_numbers(dataset):
     first = _digest(dataset, "curation/heads/heads.safetensors") | _digest(dataset, "tiles/*.parquet") | _digest(dataset, "reports/curation.json")
     run_demo_curation(layout, cfg)
     assert _digest(dataset, "curation/heads/heads.safetensors") | _digest(dataset, "tiles/*.parquet") | _digest(dataset, "reports/curation.json") == first
+
+    # A held-out slide whose curation fails is reported, and the report still comes out without its tiles.
+    victim = summary.holdout_slides[0]
+    layout.curation_predictions_path(victim).unlink()
+    layout.selection_path(victim).write_bytes(b"not parquet")
+    gt = annotations_from_ground_truth(layout, cfg.curation.gt_artifact_fraction)
+    n_victim = int((gt.loc[~gt["tile_id"].isin(topup_tile_ids(layout)), "slide_id"] == victim).sum())
+    broken = run_demo_curation(layout, cfg)
+    assert any(e.startswith(f"{victim}: ") and "selection" in e for e in broken.errors)
+    assert f"{victim}: curation failed, so its {n_victim} held-out tile(s) are left out" in "\n".join(broken.errors)
+    assert broken.holdout_pipeline["n"] == broken.holdout_classifier["n"] - n_victim > 0
+    assert "left out of the filters + classifier numbers" in (layout.reports_dir / "curation.md").read_text()
 
 
 def test_curation_config_section_validates():

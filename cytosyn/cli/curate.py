@@ -24,7 +24,8 @@ Override = Annotated[Optional[list[str]], typer.Option("--timm-override", help="
 BatchSize = Annotated[Optional[int], typer.Option(min=1, help="tiles per forward pass")]
 Workers = Annotated[Optional[int], typer.Option(min=0, help="DataLoader workers decoding PNGs")]
 Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")]
-Threshold = Annotated[Optional[float], typer.Option(help="artifact probability at or above which a tile is removed (default 0.5)")]
+TrainThreshold = Annotated[Optional[float], typer.Option(help="artifact probability at or above which the report counts a tile as artifact; recorded in the heads as predict's default (default 0.5)")]
+PredictThreshold = Annotated[Optional[float], typer.Option(help="artifact probability at or above which a tile is removed (default: curation.threshold when the config sets it, else the threshold recorded in the heads)")]
 Config = Annotated[Optional[Path], typer.Option("--config", help="pipeline YAML whose `curation` section gives the defaults (default: DATASET/pipeline.yaml)")]
 
 # Every curation error (ConfigError, AnnotationsError, TrainingError, HeadsError, BackboneMismatchError,
@@ -65,8 +66,6 @@ def _pipeline_config(dataset: Path | None, config: Path | None, overrides: dict,
     return load_config(source, extra)
 
 
-
-
 @curate_app.command("train")
 def train(
     annotations: Annotated[Path, typer.Option(help="CSV/Parquet: image_path or slide_id+x+y+mpp, label tissue/artifact, optional artifact_type")],
@@ -79,14 +78,14 @@ def train(
     timm_override: Override = None,
     folds: Annotated[Optional[int], typer.Option(min=2, help="cross-validation folds, grouped by slide (default 5)")] = None,
     c: Annotated[Optional[float], typer.Option("--C", help="inverse L2 strength of the logistic regression (default 1.0)")] = None,
-    threshold: Threshold = None,
+    threshold: TrainThreshold = None,
     batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of the fold split (default: the config's seed, else 0)")] = None,
 ) -> None:
     """Train the fold heads: frozen-backbone features, StratifiedGroupKFold by slide, out-of-fold report."""
-    from cytosyn.curation.annotations import read_annotations, resolve_annotations
+    from cytosyn.curation.annotations import AnnotationsError, read_annotations, resolve_annotations
     from cytosyn.curation.features import backbone_setup
     from cytosyn.curation.train import train_heads
 
@@ -104,7 +103,8 @@ def train(
         target = out or layout.curation_heads_dir
         resolved = resolve_annotations(read_annotations(annotations), annotations, layout)
         if resolved.table.empty:
-            raise AnnotationsError(f"{annotations}: no usable annotation ({len(resolved.errors)} row error(s), first: {resolved.errors[:1]})")
+            why = f"{len(resolved.errors)} bad row(s), the first: {resolved.errors[0]}" if resolved.errors else "the file has no rows"
+            raise AnnotationsError(f"{annotations}: no usable annotation ({why}); fix the rows and run again")
         setup = backbone_setup(ccfg, run_seed)
         if layout is not None:
             # The dataset's per-slide feature cache: `curate predict` then reuses what training embedded.
@@ -132,9 +132,9 @@ def predict(
     dataset: Annotated[Path, typer.Argument(help="dataset root built by `cytosyn data build`")],
     heads: Annotated[Optional[Path], typer.Option(help="heads folder (default: DATASET/curation/heads)")] = None,
     config: Config = None,
-    weights: Annotated[Optional[str], typer.Option(help="backbone weights the heads were trained with (default: the path recorded in the heads)")] = None,
-    weights_subkey: Subkey = None,
-    threshold: Threshold = None,
+    weights: Annotated[Optional[str], typer.Option(help="where the backbone weights the heads were trained with are on this machine (default: the path recorded in the heads; the sha256 must match either way)")] = None,
+    weights_subkey: Annotated[Optional[str], typer.Option(help="entry of the checkpoint holding the weights (default: the one recorded in the heads)")] = None,
+    threshold: PredictThreshold = None,
     top_up: Annotated[Optional[bool], typer.Option("--top-up/--no-top-up", help="replace removed tiles with unused cells of the same slide")] = None,
     batch_size: BatchSize = None,
     workers: Workers = None,

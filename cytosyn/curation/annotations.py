@@ -164,8 +164,6 @@ def _read_from_slides(layout: DatasetLayout, pending: list[dict], errors: list[s
     return rows
 
 
-
-
 def annotations_from_ground_truth(layout: DatasetLayout, artifact_min_fraction: float) -> pd.DataFrame:
     """Labels for a dataset built from synthetic slides, from their ground-truth artifact masks.
 

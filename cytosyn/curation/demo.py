@@ -121,9 +121,10 @@ def run_demo_curation(layout: DatasetLayout, cfg: PipelineConfig) -> CurationSum
     readable = np.array([not e for e in errors], dtype=bool)
     held, features = held.loc[readable].reset_index(drop=True), features[readable]
     prob = trained.result.ensemble.predict_proba(features)
-    removed = _removed_by_curation(layout, held)
+    failed = {s.slide_id for s in summary.slides if s.status == "error"}
+    removed, counted, left_out = _removed_by_curation(layout, held, failed)
     # `kept` is a yes/no decision: a ROC-AUC of it would only restate the balanced accuracy.
-    pipeline = {**classification_metrics(held["label"].to_numpy(), removed.astype(np.float64), 0.5), "roc_auc": None}
+    pipeline = {**classification_metrics(held["label"].to_numpy()[counted], removed[counted].astype(np.float64), 0.5), "roc_auc": None}
 
     summary_out = CurationSummary(
         backbone=setup.describe(),
@@ -141,21 +142,29 @@ def run_demo_curation(layout: DatasetLayout, cfg: PipelineConfig) -> CurationSum
         heads_dir=str(layout.curation_heads_dir.relative_to(layout.root)),
         report_json=f"reports/{REPORT_JSON}",
         report_md=f"reports/{REPORT_MD}",
-        errors=trained.errors + [e for e in errors if e] + summary.errors,
+        errors=trained.errors + [e for e in errors if e] + summary.errors + left_out,
     )
     write_text_atomic(layout.reports_dir / REPORT_JSON, json.dumps(asdict(summary_out), indent=2, sort_keys=True) + "\n")
     write_text_atomic(layout.reports_dir / REPORT_MD, demo_markdown(summary_out, ccfg))
     return summary_out
 
 
-def _removed_by_curation(layout: DatasetLayout, annotations: pd.DataFrame) -> np.ndarray:
-    """Per annotation, whether curation removed its tile (not kept), read back from the predictions files."""
+def _removed_by_curation(layout: DatasetLayout, annotations: pd.DataFrame, failed: set[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per annotation, whether curation removed its tile (not kept), read back from the predictions files,
+    and whether it counts: tiles of slides whose curation ``failed`` (already reported) have no
+    trustworthy predictions and are left out, with one message per such slide."""
     removed = np.zeros(len(annotations), dtype=bool)
+    counted = np.ones(len(annotations), dtype=bool)
+    left_out = []
     for slide_id, rows in annotations.groupby("slide_id").indices.items():
+        if slide_id in failed:
+            counted[rows] = False
+            left_out.append(f"{slide_id}: curation failed, so its {len(rows)} held-out tile(s) are left out of the filters + classifier numbers")
+            continue
         preds = pd.read_parquet(layout.curation_predictions_path(slide_id), columns=["image_sha256", "kept"])
         kept = dict(zip(preds["image_sha256"], preds["kept"]))
         removed[rows] = [not kept.get(s, True) for s in annotations["image_sha256"].to_numpy()[rows]]
-    return removed
+    return removed, counted, left_out
 
 
 def demo_markdown(s: CurationSummary, ccfg: CurationConfig) -> str:

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -71,7 +72,10 @@ class BackboneSetup:
 
 
 def backbone_setup(ccfg, seed: int) -> BackboneSetup:
-    """The setup a ``CurationConfig`` asks for; hashes the weights file when there is one."""
+    """The setup a ``CurationConfig`` asks for; hashes the weights file when there is one.
+
+    ``curation.mean`` / ``curation.std``, when set, replace the registered backbone's normalisation.
+    """
     spec = get_backbone_spec(ccfg.backbone)
     timm_name = ccfg.architecture or spec.timm_name
     if ccfg.weights is None:
@@ -85,8 +89,8 @@ def backbone_setup(ccfg, seed: int) -> BackboneSetup:
         timm_name=timm_name,
         timm_overrides=dict(ccfg.timm_overrides),
         img_size=spec.img_size,
-        mean=tuple(spec.mean),
-        std=tuple(spec.std),
+        mean=tuple(ccfg.mean or spec.mean),
+        std=tuple(ccfg.std or spec.std),
         weights_sha256=_weights_sha256(weights),
         init_seed=None if weights else int(seed),
         weights=weights,
@@ -205,11 +209,13 @@ def embed_tiles(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     desc: str = "embedding tiles",
+    known: np.ndarray | None = None,
 ) -> Embedded:
     """Decode every tile once, measure it, and run the backbone on the tiles ``select(measures)`` keeps.
 
     Tiles are forwarded in input order; only selected rows of a batch reach the model, so filtered
-    tiles cost a PNG decode but no forward pass.
+    tiles cost a PNG decode but no forward pass. ``known`` (bool per tile) marks tiles whose features
+    the caller already has: they are measured but not forwarded, and their feature rows stay NaN.
     """
     n = len(paths)
     dim = int(getattr(model, "num_features"))
@@ -235,6 +241,8 @@ def embed_tiles(
             for i, e in zip(idx[~ok], np.asarray(errs, dtype=object)[~ok]):
                 errors[int(i)] = str(e)
             run = ok & (select(meas) if select is not None else True)
+            if known is not None:
+                run &= ~known[idx]
             if run.any():
                 out = model(tensors[torch.from_numpy(run)].to(device, non_blocking=True))
                 features[idx[run]] = out.float().cpu().numpy()
@@ -242,16 +250,25 @@ def embed_tiles(
     return Embedded(features, measures, errors)
 
 
-# --- feature cache: one Parquet file per slide (or per annotation set), keyed by the PNG's sha256
+# --- feature cache: one Parquet file per slide (or per annotation set), keyed by the PNG's sha256.
+# The features depend only on the PNG and the backbone (the folder's fingerprint); the measures also
+# depend on filters.white_level, which is stored with them so that a change re-measures the tile.
+class _Cached(NamedTuple):
+    feature: np.ndarray | None  # None: the tile was measured but filtered out before the backbone
+    measures: np.ndarray
+    white_level: int
+
+
 def _cache_schema(dim: int) -> pa.Schema:
     return pa.schema(
         [("image_sha256", pa.string()), ("embedded", pa.bool_()), ("feature", pa.list_(pa.float32(), dim))]
         + [(name, pa.float32()) for name in MEASURE_NAMES]
+        + [("white_level", pa.int16())]
     )
 
 
-def _read_cache(path: Path) -> tuple[int | None, dict[str, tuple[np.ndarray | None, np.ndarray]]]:
-    """(feature dimension, sha → (feature or None, measures)); (None, {}) when there is no cache yet."""
+def _read_cache(path: Path) -> tuple[int | None, dict[str, _Cached]]:
+    """(feature dimension, sha → cached entry); (None, {}) when there is no cache yet."""
     if not path.exists():
         return None, {}
     table = pq.read_table(path)
@@ -264,25 +281,29 @@ def _read_cache(path: Path) -> tuple[int | None, dict[str, tuple[np.ndarray | No
     feats = flat.reshape(n, dim)
     embedded = table.column("embedded").to_numpy(zero_copy_only=False)
     meas = np.stack([table.column(m).to_numpy(zero_copy_only=False) for m in MEASURE_NAMES], axis=1).astype(np.float32)
+    # Caches written before the white level was recorded: -1 matches no level, so their tiles are re-measured.
+    levels = table.column("white_level").to_numpy(zero_copy_only=False) if "white_level" in table.column_names else np.full(n, -1)
     shas = table.column("image_sha256").to_pylist()
-    return dim, {s: (feats[i] if embedded[i] else None, meas[i]) for i, s in enumerate(shas)}
+    return dim, {s: _Cached(feats[i] if embedded[i] else None, meas[i], int(levels[i])) for i, s in enumerate(shas)}
 
 
-def _write_cache(path: Path, entries: dict[str, tuple[np.ndarray | None, np.ndarray]], dim: int) -> None:
+def _write_cache(path: Path, entries: dict[str, _Cached], dim: int) -> None:
     shas = sorted(entries)
     feats = np.full((len(shas), dim), np.nan, dtype=np.float32)
     meas = np.zeros((len(shas), len(MEASURE_NAMES)), dtype=np.float32)
     embedded = np.zeros(len(shas), dtype=bool)
+    levels = np.zeros(len(shas), dtype=np.int16)
     for i, s in enumerate(shas):
-        f, m = entries[s]
-        if f is not None:
-            feats[i], embedded[i] = f, True
-        meas[i] = m
+        entry = entries[s]
+        if entry.feature is not None:
+            feats[i], embedded[i] = entry.feature, True
+        meas[i], levels[i] = entry.measures, entry.white_level
     columns = {
         "image_sha256": pa.array(shas, pa.string()),
         "embedded": pa.array(embedded),
         "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), dim),
         **{name: pa.array(meas[:, j]) for j, name in enumerate(MEASURE_NAMES)},
+        "white_level": pa.array(levels),
     }
     write_parquet_atomic(path, pa.table(columns, schema=_cache_schema(dim)))
 
@@ -303,8 +324,9 @@ def cached_embed(
     """``embed_tiles`` that only reads tiles the cache at ``cache_path`` does not cover.
 
     A tile the selector rejected is cached with its measures but no feature; it is embedded later
-    only if a caller needs it (training embeds every annotated tile). The model is built on first need,
-    so a fully cached run never loads the backbone.
+    only if a caller needs it (training embeds every annotated tile). A tile measured at another
+    white level is decoded and measured again, and forwarded only if it has no cached feature. The
+    model is built on first need, so a fully cached run never loads the backbone.
     """
     feature_dim, cache = _read_cache(cache_path)
     if feature_dim is None:
@@ -313,22 +335,22 @@ def cached_embed(
     features = np.full((n, feature_dim), np.nan, dtype=np.float32)
     measures = np.full((n, len(MEASURE_NAMES)), np.nan, dtype=np.float32)
     errors = [""] * n
+    known = np.zeros(n, dtype=bool)  # the cache holds the tile's feature
     todo = []
     for i, sha in enumerate(shas):
         hit = cache.get(sha)
-        if hit is None:
+        if hit is not None and hit.feature is not None:
+            features[i], known[i] = hit.feature, True
+        if hit is None or hit.white_level != white_level:
             todo.append(i)
-            continue
-        feat, meas = hit
-        measures[i] = meas
-        if feat is not None:
-            features[i] = feat
-        elif select is None or bool(select(meas[None, :])[0]):
-            todo.append(i)
+        else:
+            measures[i] = hit.measures
+            if not known[i] and (select is None or bool(select(hit.measures[None, :])[0])):
+                todo.append(i)
     if todo:
         fresh = embed_tiles(
             model_provider(), setup, [paths[i] for i in todo], white_level, select,
-            batch_size=batch_size, num_workers=num_workers, device=device, desc=desc,
+            batch_size=batch_size, num_workers=num_workers, device=device, desc=desc, known=known[todo],
         )
         if fresh.features.shape[1] != feature_dim:
             raise BackboneMismatchError(
@@ -336,10 +358,12 @@ def cached_embed(
             )
         got = fresh.embedded
         for j, i in enumerate(todo):
-            features[i], measures[i], errors[i] = fresh.features[j], fresh.measures[j], fresh.errors[j]
-            if not fresh.errors[j]:
-                previous = cache.get(shas[i])
-                keep = fresh.features[j] if got[j] else (previous[0] if previous else None)
-                cache[shas[i]] = (keep, fresh.measures[j])
+            measures[i], errors[i] = fresh.measures[j], fresh.errors[j]
+            if errors[i]:
+                features[i] = np.nan  # an unreadable tile has no feature, cached or not
+                continue
+            if got[j]:
+                features[i] = fresh.features[j]
+            cache[shas[i]] = _Cached(features[i].copy() if known[i] or got[j] else None, fresh.measures[j], white_level)
         _write_cache(cache_path, cache, feature_dim)
     return Embedded(features, measures, errors)

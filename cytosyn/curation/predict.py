@@ -21,9 +21,9 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from cytosyn.config import CurationConfig, PipelineConfig
-from cytosyn.curation.classifier import HeadEnsemble
+from cytosyn.curation.classifier import HeadEnsemble, average_heads
 from cytosyn.curation.features import BackboneSetup, LazyBackbone, cached_embed, setup_from_heads
-from cytosyn.curation.filters import FILTER_NAMES, MEASURE_NAMES, filter_reasons
+from cytosyn.curation.filters import FILTER_NAMES, MEASURE_NAMES, count_reasons, filter_reasons
 from cytosyn.curation.reread import open_recorded_slide
 from cytosyn.errors import one_line
 from cytosyn.io import schema
@@ -138,7 +138,7 @@ class _Run:
         scored = reasons == ""
         per_head = self.ensemble.predict_proba_per_head(emb.features[scored])
         prob = np.full(len(paths), np.nan)
-        prob[scored] = per_head.mean(axis=1)
+        prob[scored] = average_heads(per_head)
         heads: list[list[float]] = [[] for _ in paths]
         for i, row in zip(np.flatnonzero(scored), per_head):
             heads[i] = row.tolist()
@@ -316,7 +316,7 @@ def _summarise(slide_id: str, preds: pd.DataFrame, status: str, top_up: bool) ->
         budget=budget,
         n_tiles=len(preds),
         n_kept=int(kept.sum()),
-        n_filtered={name: int((filters == name).sum()) for name in FILTER_NAMES},
+        n_filtered=count_reasons(filters),
         n_classifier_removed=int((scored & ~kept).sum()),
         n_unreadable=int((filters == "error").sum()),
         n_topup_drawn=drawn,
@@ -364,12 +364,16 @@ def curate_with_heads(
 ) -> PredictSummary:
     """Curate a dataset with trained heads: the build's curation stage and `cytosyn data curate predict`.
 
-    The threshold is the one the heads were trained with unless the config sets one explicitly.
+    The heads were trained on one backbone's features, so the backbone is the one they record,
+    weights path included; ``weights`` / ``weights_subkey`` only point to that file elsewhere (its
+    sha256 is checked). ``curation.weights`` is not consulted: in a dataset's pipeline.yaml it records
+    what the build used, not these heads. The threshold is a decision rule, not part of the heads:
+    the config's when it sets one, else the heads' own.
     """
     ensemble = HeadEnsemble.load(heads_dir)
     ccfg = cfg.curation or CurationConfig()
     if "threshold" not in ccfg.model_fields_set:
         ccfg = ccfg.model_copy(update={"threshold": ensemble.meta.get("threshold", 0.5)})
     cfg = cfg.model_copy(update={"curation": ccfg})
-    setup = setup_from_heads(ensemble.meta["backbone"], weights or ccfg.weights, weights_subkey or ccfg.weights_subkey)
+    setup = setup_from_heads(ensemble.meta["backbone"], weights, weights_subkey)
     return predict_dataset(layout, ensemble, setup, cfg, heads_dir)

@@ -183,6 +183,18 @@ def cv_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rows_by_cache(slide_ids: np.ndarray, cache_path_for: Callable[[str], Path]) -> dict[Path, np.ndarray]:
+    """Row indices (ascending) per cache file; slides that share a cache file share one group.
+
+    One pass over the rows (a groupby), not one per cache file: 79.5k annotations from 2,000 slides
+    would otherwise compare every row with every cache path.
+    """
+    parts: dict[Path, list[np.ndarray]] = {}
+    for slide_id, rows in pd.Series(slide_ids).groupby(slide_ids, sort=True).indices.items():
+        parts.setdefault(cache_path_for(str(slide_id)), []).append(rows)
+    return {cache: np.sort(np.concatenate(chunks)) for cache, chunks in parts.items()}
+
+
 def embed_annotations(
     table: pd.DataFrame,
     setup: BackboneSetup,
@@ -197,11 +209,11 @@ def embed_annotations(
     """
     shas = [s if isinstance(s, str) and s else sha256_file(p) for s, p in zip(table["image_sha256"], table["image_path"])]
     paths = table["image_path"].astype(str).tolist()
-    caches = [cache_path_for(s) for s in table["slide_id"].astype(str)]
     features: np.ndarray | None = None
     errors = [""] * len(table)
-    for cache in sorted(set(caches)):
-        rows = [i for i, c in enumerate(caches) if c == cache]
+    groups = rows_by_cache(table["slide_id"].astype(str).to_numpy(), cache_path_for)
+    for cache in sorted(groups):
+        rows = groups[cache]
         emb = cached_embed(
             cache, [paths[i] for i in rows], [shas[i] for i in rows], setup, backbone, ccfg.filters.white_level,
             batch_size=ccfg.batch_size, num_workers=ccfg.num_workers, device=backbone.device, desc="embedding annotations",

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 # Prefixes that wrap a backbone's keys in common checkpoints (DDP, iBOT/DINO teacher, timm heads).
 _WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "encoder.")
-# Keys a frozen feature extractor never uses: classification heads, iBOT's masked-token embedding.
-_IGNORED_PREFIXES = ("head.", "fc_norm.", "masked_embed")
+# Checkpoint entries a frozen feature extractor has no part for: a classification or projection head,
+# iBOT's masked-token embedding. They may sit in a file; a key the model has is never optional.
+_UNUSED_EXTRAS = ("head.", "masked_embed")
 
 
 class WeightsError(ValueError):
@@ -81,28 +82,19 @@ def backbone_subtree(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights_into(
-    model: torch.nn.Module,
-    path: str | Path,
-    subkey: str | None = None,
-    ignore_prefixes: tuple[str, ...] = _IGNORED_PREFIXES,
-) -> None:
+def load_weights_into(model: torch.nn.Module, path: str | Path, subkey: str | None = None) -> None:
     """Load ``path`` into ``model`` strictly, naming the first missing, unexpected or mis-shaped key.
 
-    Keys under ``ignore_prefixes`` (classification heads a feature extractor never uses) may be absent
-    or extra.
+    Every key of the model must be in the file; the file may also hold the unused extras above
+    (``head.*``, ``masked_embed``) when the model has no such key.
     """
     state = strip_prefixes(backbone_subtree(read_state_dict(path, subkey)))
     expected = model.state_dict()
-
-    def relevant(key: str) -> bool:
-        return not key.startswith(ignore_prefixes)
-
     for key in sorted(expected):
-        if relevant(key) and key not in state:
+        if key not in state:
             raise WeightsError(f"{path}: missing key '{key}' (model expects shape {tuple(expected[key].shape)})")
     for key in sorted(state):
-        if relevant(key) and key not in expected:
+        if key not in expected and not key.startswith(_UNUSED_EXTRAS):
             raise WeightsError(f"{path}: unexpected key '{key}' with shape {tuple(state[key].shape)}; wrong architecture?")
     for key in sorted(state):
         if key in expected and state[key].shape != expected[key].shape:

@@ -136,7 +136,8 @@ def run_model_stages(layout: DatasetLayout, cfg: PipelineConfig) -> list[str]:
             if cfg.curation.heads is not None:
                 from cytosyn.curation.predict import curate_with_heads
 
-                errors = curate_with_heads(layout, cfg, cfg.curation.heads).errors
+                # In the build's own config, `weights` says where the heads' backbone file is here.
+                errors = curate_with_heads(layout, cfg, cfg.curation.heads, cfg.curation.weights, cfg.curation.weights_subkey).errors
             else:
                 from cytosyn.curation.demo import run_demo_curation
 
