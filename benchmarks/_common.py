@@ -23,7 +23,10 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def report(name: str, measured: float, floor: float, unit: str, target: float) -> None:
+def report(name: str, measured: float, floor: float, unit: str, target: float | None = None) -> None:
+    """One result line: the measure, the floor of the same run, their ratio, and the verdict on a target."""
     ratio = measured / floor
-    verdict = "OK" if ratio >= target else "BELOW TARGET"
-    print(f"{name}: {measured:.1f} {unit} vs floor {floor:.1f} {unit} -> ratio {ratio:.3f} (target >= {target}) {verdict}")
+    line = f"{name}: {measured:.1f} {unit} vs floor {floor:.1f} {unit} -> ratio {ratio:.3f}"
+    if target is not None:
+        line += f" (target >= {target}) {'OK' if ratio >= target else 'BELOW TARGET'}"
+    print(line)

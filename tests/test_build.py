@@ -109,6 +109,10 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, synthetic_folder):
     proc.wait()
     written = len(list((killed / "images").rglob("*.png")))
     assert 0 < written < len(list((tmp_path / "clean" / "images").rglob("*.png"))), "kill landed mid-extraction"
+    # What a kill at another moment leaves: half-written files of the root, the reports, the masks.
+    for stale in ("slides.parquet", "reports/build.md", "masks/x.png"):
+        (killed / stale).parent.mkdir(parents=True, exist_ok=True)
+        (killed / stale).with_name(f".tmp-{Path(stale).name}.0123abcd").write_bytes(b"half")
 
     assert run_cli(*_build_args(cfg, synthetic_folder, killed)).returncode == 0
     assert tree_digest(killed, MANIFESTS) == tree_digest(tmp_path / "clean", MANIFESTS)

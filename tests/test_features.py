@@ -1,5 +1,5 @@
 """Features stage: equality with a direct timm forward, resize/register handling, resumption after SIGKILL,
-parallel writers, bad tiles, other registered backbones, the CLI."""
+parallel writers, bad tiles, other registered backbones, normalisation of hub weights, the CLI."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ from typer.testing import CliRunner
 from conftest import shared_file
 from cytosyn.cli.features import register
 from cytosyn.config import FeaturesConfig, load_config
-from cytosyn.features import FeaturesError, TokenExtractor, compute_features, read_cls, read_index
-from cytosyn.features.store import FeatureStore
+from cytosyn.features import FeaturesError, TokenExtractor, compute_features, open_cls_rows, read_cls, read_index
+from cytosyn.features.extract import check_normalisation
+from cytosyn.features.store import FeatureStore, finalize
 from cytosyn.io import schema
 from cytosyn.io.atomic import write_parquet_atomic
 from cytosyn.io.hashing import sha256_file, tile_id
@@ -154,7 +155,7 @@ def feature_files(layout: DatasetLayout, extractor: str = "h0-mini") -> dict[str
     return {
         "cls.parquet": store.cls_path.read_bytes(),
         "index": store.index_path.read_bytes(),
-        "cls.npy": np.load(store.cls_npy_path),
+        "cls chunks": {p.name: p.read_bytes() for p in sorted(store.cls_dir.iterdir())},
         "tokens": zarr.open_array(str(store.tokens_path), mode="r")[:],
     }
 
@@ -163,7 +164,7 @@ def assert_same_features(a: DatasetLayout, b: DatasetLayout) -> None:
     fa, fb = feature_files(a), feature_files(b)
     assert fa["cls.parquet"] == fb["cls.parquet"]
     assert fa["index"] == fb["index"]
-    np.testing.assert_array_equal(fa["cls.npy"], fb["cls.npy"])
+    assert fa["cls chunks"] == fb["cls chunks"]
     np.testing.assert_array_equal(fa["tokens"], fb["tokens"])
 
 
@@ -218,7 +219,9 @@ def test_cls_and_tokens_equal_a_direct_timm_forward(tmp_path, dataset_template, 
         nearest = np.abs(stored.reshape(len(ids), 196, 768) - register_tokens[:, r : r + 1]).max(axis=2).min()
         assert nearest > 0.05
 
-    np.testing.assert_array_equal(np.load(layout.features_cls_npy_path("h0-mini")), cls)
+    # Random access by row, in any order and with repeats, reads the same values as cls.parquet.
+    rows = np.array([18, 0, 7, 7, 3, 12])
+    np.testing.assert_array_equal(open_cls_rows(layout).take(rows), cls[rows])
     attrs = dict(tokens.attrs)
     assert (attrs["num_prefix_tokens"], attrs["source_grid"], attrs["token_grid"], attrs["embed_dim"]) == (5, 16, 14, 768)
     assert attrs["weights_sha256"] == sha256_file(h0_weights)
@@ -241,26 +244,31 @@ def test_run_killed_midway_and_rerun_gives_identical_outputs(tmp_path, dataset_t
     proc = subprocess.Popen(_cli("data", "features", layout.root, "--weights", h0_weights), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while proc.poll() is None and not (store.done_dir.exists() and any(store.done_dir.iterdir())):
+        while proc.poll() is None and not (store.cls_dir.exists() and any(store.cls_dir.glob("chunk-*"))):
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done = len(list(store.done_dir.iterdir()))
-    assert 1 <= done < 5 and not store.complete
+    done = {int(p.stem.split("-")[1]) for p in store.cls_dir.glob("chunk-*")}
+    assert 1 <= len(done) < 5 and not store.complete
 
-    # A torn shard file where the kill could have landed: the rerun must rewrite it, not read it.
+    # What a kill can leave where it lands: a torn shard file (the rerun must rewrite it, not read it), a
+    # temporary CLS file and a half-created temporary array (a single-writer rerun removes both).
     tokens = zarr.open_array(str(store.tokens_path), mode="r")
-    undone = min(set(range(5)) - {int(p.name.split("-")[1]) for p in store.done_dir.iterdir()})
+    undone = min(set(range(5)) - done)
     torn = store.tokens_path / tokens.metadata.encode_chunk_key((undone, 0, 0, 0))
     torn.parent.mkdir(parents=True, exist_ok=True)
     torn.write_bytes(b"torn" * 100)
+    (store.cls_dir / f".tmp-chunk-{undone:07d}.npy.dead").write_bytes(b"half")
+    (store.dir / ".tmp-tokens.zarr.dead").mkdir()
+    (store.dir / ".tmp-tokens.zarr.dead" / "zarr.json").write_text("{")
 
     fcfg = FeaturesConfig(weights=str(h0_weights), chunk_rows=4, batch_size=2, num_workers=0, **H0_D2)
     rerun = compute_features(layout, fcfg, progress=False)
-    assert rerun.complete and (rerun.skipped, rerun.computed) == (done, 5 - done)
+    assert rerun.complete and (rerun.skipped, rerun.computed) == (len(done), 5 - len(done))
     assert_same_features(layout, reference_run)
+    assert not list(store.dir.rglob(".tmp-*"))
 
 
 def test_two_processes_fill_disjoint_chunks(tmp_path, dataset_template, reference_run, h0_weights):
@@ -278,6 +286,81 @@ def test_two_processes_fill_disjoint_chunks(tmp_path, dataset_template, referenc
     assert [o[0].split() for o in outs] == [["3", "0"], ["2", "0"]]
     assert FeatureStore(layout, "h0-mini").complete
     assert_same_features(layout, reference_run)
+
+
+# Writer `me` (0 or 1) of two: in each round, once told to start, it plans the store and fills its chunks (every
+# other one) with CLS rows whose values encode their row.
+RACE_WRITER = r"""
+import sys
+import time
+from pathlib import Path
+import numpy as np
+from cytosyn.features.store import ChunkWriter, FeatureStore, chunk_bounds, num_chunks, plan_store
+from cytosyn.io.layout import DatasetLayout
+
+root, me, rounds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+provenance = {"extractor": "h0-mini", "timm_name": "t", "timm_overrides": {}, "weights": "w", "weights_sha256": "w",
+              "compute_dtype": "float32", "num_prefix_tokens": 5, "source_grid": 16, "token_grid": 14, "embed_dim": 8,
+              "interpolation": "bicubic-antialias", "mean": [0, 0, 0], "std": [1, 1, 1]}
+deadline = time.monotonic() + 300
+(root / f"ready-{me}").touch()
+for r in range(rounds):
+    while not (root / f"go-{r}-{me}").exists():
+        if time.monotonic() > deadline:
+            sys.exit(f"writer {me}: never told to start round {r}")
+        time.sleep(0.0005)
+    (root / f"planning-{r}-{me}").touch()
+    store = FeatureStore(DatasetLayout(root / f"round-{r}"), "h0-mini")
+    rows = plan_store(store, provenance, 4)
+    writer = ChunkWriter(store)
+    for c in range(me, num_chunks(rows, 4), 2):
+        a, b = chunk_bounds(c, 4, rows)
+        cls = np.arange(a, b, dtype=np.float32)[:, None] * 100 + np.arange(8, dtype=np.float32) + 1
+        writer.write(c, cls, np.ones((b - a, 14, 14, 8), np.float16))
+    (root / f"done-{r}-{me}").touch()
+"""
+
+
+def test_a_writer_paused_anywhere_in_its_planning_loses_no_cls_rows(tmp_path, dataset_template):
+    """Two writers of disjoint chunks of one store: writer 1 starts planning and is paused (SIGSTOP) after a
+    delay swept over 0–25 ms in steps of 0.25 ms, writer 0 plans and fills its chunks meanwhile, then writer
+    1 resumes. Every CLS row must be the one its writer wrote. With the former shared cls.npy, a pause between
+    writer 1's check that the file was missing and its creating it made it replace the file writer 0 had filled:
+    run against that code, this test failed in 3 runs of 3 (first at delays of 4–7 ms, 2-core machine)."""
+    delays = np.arange(100) * 0.25e-3
+    for r in range(len(delays)):
+        shutil.copytree(dataset_template.tiles_dir, DatasetLayout(tmp_path / f"round-{r}").tiles_dir)
+    procs = [subprocess.Popen([sys.executable, "-c", RACE_WRITER, str(tmp_path), str(i), str(len(delays))]) for i in (0, 1)]
+
+    def wait_for(*names: str, pause: float = 0.0005) -> None:
+        while not all((tmp_path / name).exists() for name in names):
+            assert all(p.poll() is None for p in procs), "a writer died"
+            time.sleep(pause)
+
+    try:
+        wait_for("ready-0", "ready-1", pause=0.01)
+        for r, delay in enumerate(delays):
+            (tmp_path / f"go-{r}-1").touch()
+            wait_for(f"planning-{r}-1", pause=0)  # the delay counts from here: poll without sleeping
+            time.sleep(delay)
+            procs[1].send_signal(signal.SIGSTOP)
+            try:
+                (tmp_path / f"go-{r}-0").touch()
+                wait_for(f"done-{r}-0")
+            finally:
+                procs[1].send_signal(signal.SIGCONT)
+            wait_for(f"done-{r}-1")
+        assert [p.wait() for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    ids = tile_paths_in_manifest_order(dataset_template)[0]
+    expected = np.arange(len(ids), dtype=np.float32)[:, None] * 100 + np.arange(8, dtype=np.float32) + 1
+    for r, delay in enumerate(delays):
+        layout = DatasetLayout(tmp_path / f"round-{r}")
+        assert finalize(FeatureStore(layout, "h0-mini"))
+        np.testing.assert_array_equal(read_cls(layout)[1], expected, err_msg=f"writer 1 paused after {delay * 1e3:.2f} ms")
 
 
 def test_unreadable_tile_is_reported_and_a_rerun_after_the_fix_completes(tmp_path, dataset_template, reference_run, h0_weights):
@@ -301,6 +384,14 @@ def test_unreadable_tile_is_reported_and_a_rerun_after_the_fix_completes(tmp_pat
     write_parquet_atomic(layout.tiles_path(SLIDES[1][0]), tiles.slice(0, tiles.num_rows - 1))
     with pytest.raises(FeaturesError, match="delete .* and rerun"):
         compute_features(layout, fcfg, progress=False)
+
+
+def test_a_store_of_another_format_is_refused(tmp_path, reference_run):
+    layout = copy_dataset(reference_run, tmp_path / "root")
+    zarr.open_array(str(layout.features_tokens_path("h0-mini")), mode="r+").attrs["format"] = 1
+    for read in (read_cls, open_cls_rows, read_index):
+        with pytest.raises(FeaturesError, match="store format 1, this version reads format 2; delete .* and rerun"):
+            read(layout)
 
 
 def test_cli_with_another_registered_timm_backbone(tmp_path, dataset_template):
@@ -357,6 +448,19 @@ def test_ibot_vit_s_grid_already_14_and_prefix_mismatch_is_refused():
     wrong = BackboneSpec(name="wrong", timm_name="vit_small_patch16_224", img_size=224, mean=(0, 0, 0), std=(1, 1, 1), num_prefix_tokens=5)
     with pytest.raises(FeaturesError, match="prefix tokens"):
         TokenExtractor(wrong, model, torch.device("cpu"))
+
+
+def test_hub_weights_must_normalise_like_the_spec():
+    spec = get_backbone_spec("h0-mini")
+    hub_cfg = {"mean": (0.707223, 0.578729, 0.703617), "std": (0.211883, 0.230117, 0.177517)}
+    check_normalisation(spec, hub_cfg, "hf-hub:bioptimus/H0-mini")
+    with pytest.raises(FeaturesError, match=r"hf-hub:x normalises with mean .* std \(0\.2, .* fix mean/std in its BackboneSpec"):
+        check_normalisation(spec, {**hub_cfg, "std": (0.2, 0.230117, 0.177517)}, "hf-hub:x")
+    # timm's own config of the bare architecture (ImageNet statistics) is not H0-mini's.
+    with pytest.raises(FeaturesError, match="0.485"):
+        check_normalisation(spec, h0_mini_depth2_model().pretrained_cfg, "hf-hub:x")
+    with pytest.raises(FeaturesError, match="mean None"):
+        check_normalisation(spec, {}, "hf-hub:x")
 
 
 def test_config_sections_and_relative_weights(tmp_path):

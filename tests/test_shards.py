@@ -1,8 +1,10 @@
-"""Training shards: contents, determinism, resumable writing, and the DDP/worker-aware resumable dataset."""
+"""Training shards: contents, determinism, resumable writing, ties to their features, and the DDP/worker-aware
+resumable dataset."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 
 import cv2
@@ -17,6 +19,7 @@ from typer.testing import CliRunner
 from cytosyn.cli.features import register
 from cytosyn.config import FeaturesConfig
 from cytosyn.features import compute_features, read_cls
+from cytosyn.io.atomic import write_parquet_atomic
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.shards import ShardDataset, ShardsError, build_shards, resume_point, shuffle_buffer_order
 from test_features import H0_D2, SLIDES, build_tile_dataset, write_h0_mini_weights
@@ -104,12 +107,37 @@ def test_shard_writing_is_deterministic_and_resumes_missing_shards(sharded, tmp_
         build_shards(layout, "train", shard_size=3, seed=SEED + 1, progress=False)
 
 
+def test_shards_are_tied_to_the_features_they_were_cut_from(sharded, tmp_path):
+    layout = DatasetLayout(tmp_path / "root")
+    shutil.copytree(sharded.root, layout.root)
+    manifest = json.loads(layout.shards_manifest_path("train").read_text())
+    assert manifest["features_compute_dtype"] == "float32" and len(manifest["features_weights_sha256"]) == 64
+    # Half-written shards, then the features recomputed with other weights: finishing the shards would mix
+    # both sets of features in one split.
+    layout.shard_path("train", 2).unlink()
+    layout.shards_manifest_path("train").unlink()
+    shutil.rmtree(layout.features_dir("h0-mini"))
+    fcfg = FeaturesConfig(weights="random-init", chunk_rows=8, batch_size=8, num_workers=0, **H0_D2)
+    assert compute_features(layout, fcfg, progress=False).complete
+    with pytest.raises(ShardsError, match=r"shards/train: cut from features with other weights_sha256 .* delete .*shards/train and rerun"):
+        build_shards(layout, "train", shard_size=3, seed=SEED, progress=False)
+    assert not layout.shard_path("train", 2).exists()
+
+    # A tile manifest that changed after the features were computed no longer matches their rows.
+    shutil.rmtree(layout.shards_dir("train"))
+    tiles = pq.read_table(layout.tiles_path(SLIDES[1][0])).to_pandas()
+    tiles.loc[0, "kept"] = False
+    write_parquet_atomic(layout.tiles_path(SLIDES[1][0]), tiles, schema=pq.read_schema(layout.tiles_path(SLIDES[1][0])))
+    with pytest.raises(ShardsError, match="another tile manifest .* delete .* rerun `cytosyn data features`"):
+        build_shards(layout, "train", shard_size=3, seed=SEED, progress=False)
+
+
 def test_one_epoch_over_2_ranks_x_2_workers_sees_every_sample_exactly_once(sharded):
     layout = sharded
     everything = sorted(train_tiles(layout)["tile_id"])
     per_rank = []
     for rank in (0, 1):
-        ds = dataset(layout, rank=rank, world_size=2)
+        ds = dataset(layout, rank=rank, world_size=2, even_ranks=False)
         ids = [t for batch in epoch_batches(ds, num_workers=2) for t in batch]
         assert len(ids) == len(ds)
         per_rank.append(ids)
@@ -117,14 +145,40 @@ def test_one_epoch_over_2_ranks_x_2_workers_sees_every_sample_exactly_once(shard
     assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
 
     # Deterministic from (seed, epoch); the next epoch deals the samples out differently, again exactly once.
-    again = dataset(layout, rank=0, world_size=2)
+    again = dataset(layout, rank=0, world_size=2, even_ranks=False)
     assert [t for b in epoch_batches(again, num_workers=2) for t in b] == per_rank[0]
     assert again.state_dict()["epoch"] == 1
     epoch1 = [t for b in epoch_batches(again, num_workers=2) for t in b]
-    other = dataset(layout, rank=1, world_size=2)
+    other = dataset(layout, rank=1, world_size=2, even_ranks=False)
     other.set_epoch(1)
     epoch1_rank1 = [t for b in epoch_batches(other, num_workers=2) for t in b]
     assert sorted(epoch1 + epoch1_rank1) == everything and epoch1 != per_rank[0]
+
+
+def test_even_ranks_take_the_same_steps_and_leave_out_fewer_than_world_size_samples(sharded):
+    layout = sharded
+    everything = set(train_tiles(layout)["tile_id"])
+    assert len(everything) == 13
+    # Without the option, 13 samples over 2 ranks × 2 workers in batches of 3 give 2 and 3 steps: a DDP
+    # all-reduce on the third step would wait forever for rank 0.
+    uneven = [len(epoch_batches(dataset(layout, batch_size=3, rank=r, world_size=2, even_ranks=False), 2)) for r in (0, 1)]
+    assert uneven == [2, 3]
+    for world in (2, 5):
+        per_rank = [epoch_batches(dataset(layout, batch_size=3, rank=r, world_size=world), 2) for r in range(world)]
+        assert len({len(b) for b in per_rank}) == 1 and len({sum(map(len, b)) for b in per_rank}) == 1
+        ids = [t for batches in per_rank for batch in batches for t in batch]
+        assert len(ids) == len(set(ids)) == world * (13 // world)
+        assert len(everything - set(ids)) == 13 % world < world
+    # Which sample is left out follows the epoch's shuffle.
+    left_out = []
+    for epoch in range(4):
+        ids = set()
+        for r in (0, 1):
+            ds = dataset(layout, rank=r, world_size=2)
+            ds.set_epoch(epoch)
+            ids.update(t for batch in epoch_batches(ds, 0) for t in batch)
+        left_out.append(everything - ids)
+    assert all(len(x) == 1 for x in left_out) and len(set(map(frozenset, left_out))) > 1
 
 
 def test_batches_carry_decoded_images_cls_and_tokens(sharded):
@@ -145,8 +199,10 @@ def test_batches_carry_decoded_images_cls_and_tokens(sharded):
 def test_resuming_from_a_mid_epoch_state_yields_exactly_the_remaining_samples(sharded, num_workers):
     layout = sharded
     reference = epoch_batches(dataset(layout, rank=1, world_size=2), num_workers)
-    assert len(reference) == len(dataset(layout, rank=1, world_size=2).loader(num_workers)) == 4  # 7 of 13 samples
-    for stop in (1, 3):
+    # Rank 1's part holds 7 of the 13 samples, of which it yields 6 (even ranks): 3 batches of 2 from one
+    # stream, or 2 + 2 from two streams of 3.
+    assert len(reference) == len(dataset(layout, rank=1, world_size=2).loader(num_workers)) == {0: 3, 2: 4}[num_workers]
+    for stop in (1, len(reference) - 1):
         ds = dataset(layout, rank=1, world_size=2)
         ds.set_epoch(0)
         taken = []
@@ -177,8 +233,41 @@ def test_resume_state_is_checked(sharded):
         next(iter(other.loader(num_workers=0)))
     with pytest.raises(ShardsError, match="batch_size"):
         dataset(layout, rank=0, world_size=2, batch_size=3).load_state_dict(state)
+    with pytest.raises(ShardsError, match="even_ranks=True"):
+        dataset(layout, rank=0, world_size=2, even_ranks=False).load_state_dict(state)
     with pytest.raises(ShardsError, match="not the end of a batch"):
         resume_point([5, 4], 2, 3)
+
+
+def test_resuming_under_the_documented_training_loop(sharded):
+    """docs/shards.md's loop: the state is loaded before it, and set_epoch(epoch) opens every epoch."""
+    layout, epochs = sharded, 2
+
+    def train(ds: ShardDataset, start_epoch: int, stop_after: int | None = None) -> list[list[list[str]]]:
+        loader = ds.loader(num_workers=2)
+        seen: list[list[list[str]]] = []
+        for epoch in range(start_epoch, epochs):
+            ds.set_epoch(epoch)
+            seen.append([])
+            for batch in loader:
+                seen[-1].append(batch["tile_id"])
+                if len(seen[-1]) == stop_after:
+                    return seen
+        return seen
+
+    reference = train(dataset(layout, rank=1, world_size=2), 0)
+    assert len(reference[0]) == 4 and reference[0] != reference[1]
+    interrupted = dataset(layout, rank=1, world_size=2)
+    taken = train(interrupted, 0, stop_after=2)[0]
+    checkpoint = {"data": interrupted.state_dict()}
+
+    resumed = dataset(layout, rank=1, world_size=2)
+    resumed.load_state_dict(checkpoint["data"])
+    rest = train(resumed, checkpoint["data"]["epoch"])
+    assert taken + rest[0] == reference[0] and rest[1:] == reference[1:]
+    # Once the restored position is consumed, set_epoch starts an epoch from its beginning again.
+    resumed.set_epoch(1)
+    assert epoch_batches(resumed, 2) == reference[1]
 
 
 def test_skipping_tokens_keeps_the_same_samples_in_the_same_order(sharded):

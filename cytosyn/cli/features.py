@@ -49,7 +49,10 @@ def features(
         f"features: {result.out_dir}  rows={result.rows} chunks={result.chunks} computed={result.computed} "
         f"skipped={result.skipped} complete={result.complete}"
     )
-    exit_on_errors(result.errors, "tile(s) failed", " (their chunks stay unfinished; fix and rerun)")
+    exit_on_errors(
+        result.errors, "tile(s) failed",
+        " (their chunks stay unfinished, so no cls.parquet and no shards yet: restore the PNGs and rerun, docs/features.md)",
+    )
 
 
 def shards(

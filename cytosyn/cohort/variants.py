@@ -24,7 +24,7 @@ from PIL import Image
 from cytosyn.cohort.splits import split_mask
 from cytosyn.errors import one_line
 from cytosyn.io import schema
-from cytosyn.io.atomic import write_bytes_atomic, write_parquet_atomic
+from cytosyn.io.atomic import remove_stale_temporaries, write_bytes_atomic, write_parquet_atomic
 from cytosyn.io.hashing import sha256_bytes
 from cytosyn.io.images import read_png_rgb
 from cytosyn.io.layout import DatasetLayout
@@ -95,6 +95,7 @@ def _variant_slide(job: _VariantJob) -> dict:
         if todo.empty and len(done) == len(written):
             return {"slide_id": job.slide_id, "tiles": len(rows), "error": None}
         ext = "png" if job.jpeg_quality is None else "jpg"
+        remove_stale_temporaries(layout.variant_slide_images_dir(name, job.project, job.slide_id))
         read, slide = _reader(layout, job, todo)
         paths, checksums = [], []
         try:

@@ -9,7 +9,7 @@ from cytosyn.features.extract import (
     load_extractor,
     resize_patch_tokens,
 )
-from cytosyn.features.store import FeaturesError, FeatureStore, open_cls_rows, open_tokens, read_cls, read_index
+from cytosyn.features.store import FeaturesError, FeatureStore, features_identity, open_cls_rows, open_tokens, read_cls, read_index
 
 __all__ = [
     "TOKEN_GRID",
@@ -19,6 +19,7 @@ __all__ = [
     "TokenExtractor",
     "compute_features",
     "extract_features",
+    "features_identity",
     "load_extractor",
     "open_cls_rows",
     "open_tokens",

@@ -29,12 +29,12 @@ from cytosyn.features.store import (
     finalize,
     num_chunks,
     plan_store,
-    remove_stale,
 )
+from cytosyn.io.atomic import remove_stale_temporaries
 from cytosyn.io.hashing import sha256_file
 from cytosyn.io.images import read_png_rgb
 from cytosyn.io.layout import DatasetLayout
-from cytosyn.nn.backbones import RANDOM_INIT, BackboneSpec, create_backbone, get_backbone_spec
+from cytosyn.nn.backbones import RANDOM_INIT, BackboneSpec, create_backbone, get_backbone_spec, normalise_images
 from cytosyn.nn.device import resolve_device
 
 # SiT-XL/2 on the 28×28 latent of a 224 px tile sees 14×14 tokens.
@@ -74,14 +74,11 @@ class TokenExtractor:
         if self.cuda:
             model = model.to(device, memory_format=torch.channels_last)
         self.model = model
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """``images``: (B, 3, S, S) uint8 RGB. Returns CLS (B, D) float32 and tokens (B, 14, 14, D) float16."""
-        x = images.to(self.device, non_blocking=True).float().div_(255.0)
-        x = (x - self.mean) / self.std
+        x = normalise_images(images.to(self.device, non_blocking=True), self.spec.mean, self.spec.std)
         if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -97,6 +94,19 @@ class TokenExtractor:
         return cls.cpu().numpy(), tokens.cpu().numpy()
 
 
+def check_normalisation(spec: BackboneSpec, pretrained_cfg: dict, source: str) -> None:
+    """Refuse weights whose own config (``source``'s timm ``pretrained_cfg``) normalises inputs otherwise than the
+    spec, which is what the stage applies: features of wrongly normalised tiles would look plausible but differ."""
+    theirs = {k: pretrained_cfg.get(k) for k in ("mean", "std")}
+    for key, ours in (("mean", spec.mean), ("std", spec.std)):
+        value = theirs[key]
+        if value is None or len(value) != len(ours) or not np.allclose(value, ours, rtol=0, atol=1e-6):
+            raise FeaturesError(
+                f"backbone '{spec.name}': {source} normalises with mean {theirs['mean']} std {theirs['std']} but the spec "
+                f"says mean {list(spec.mean)} std {list(spec.std)}; fix mean/std in its BackboneSpec"
+            )
+
+
 def load_extractor(fcfg: FeaturesConfig, device: torch.device) -> TokenExtractor:
     spec = get_backbone_spec(fcfg.extractor)
     if fcfg.weights is None:
@@ -106,6 +116,9 @@ def load_extractor(fcfg: FeaturesConfig, device: torch.device) -> TokenExtractor
             + f" (or --weights {RANDOM_INIT} for a demo with random features)"
         )
     model = create_backbone(spec, weights=fcfg.weights, weights_subkey=fcfg.weights_subkey, **fcfg.timm_overrides)
+    if str(fcfg.weights).startswith("hf-hub:"):
+        # Local files carry no normalisation; a hub model's config does, and must agree with the spec.
+        check_normalisation(spec, dict(getattr(model, "pretrained_cfg", None) or {}), str(fcfg.weights))
     return TokenExtractor(spec, model, device)
 
 
@@ -218,10 +231,10 @@ def compute_features(
 ) -> FeaturesResult:
     """Compute the features of every kept tile into ``features/<extractor>/`` (docs/features.md).
 
-    Resumable: chunks with a marker are skipped. ``part=(i, n)`` makes this process fill only the chunks
+    Resumable: chunks with a CLS file are skipped. ``part=(i, n)`` makes this process fill only the chunks
     ``c`` with ``c % n == i``, so n processes (or machines sharing the dataset root) can run at once;
     whichever finds every chunk done writes cls.parquet. A tile that cannot be read is reported in
-    ``errors`` and leaves its chunk unfinished (no marker), so a rerun after the fix recomputes it.
+    ``errors`` and leaves its chunk unfinished (no CLS file), so a rerun after the fix recomputes it.
     """
     index_of, parts = part
     if not 0 <= index_of < parts:
@@ -230,7 +243,8 @@ def compute_features(
     extractor = load_extractor(fcfg, device)
     store = FeatureStore(layout, extractor.spec.name)
     if parts == 1:
-        remove_stale(store)
+        # Only a lone writer may: the temporaries of concurrent ones look the same.
+        remove_stale_temporaries(store.dir)
     rows = plan_store(store, provenance(extractor, fcfg), fcfg.chunk_rows)
     total = num_chunks(rows, fcfg.chunk_rows)
     done = done_chunks(store)

@@ -7,13 +7,14 @@
 - ``tokens.zarr``: (N, 14, 14, D) float16, stored as one Zarr shard file per ``chunk_rows`` rows holding
   one compressed inner chunk per tile, so a single tile is read without decoding its neighbours;
   its attributes record what produced it (backbone, weights hash, manifest hash);
-- ``cls.npy``: (N, D) float32, the CLS tokens in row order, for random access by row;
-- ``done/chunk-NNNNNNN``: an empty marker per finished chunk — a chunk counts only once its marker exists;
-- ``cls.parquet`` (tile_id, cls): written once every chunk is done; its presence means the store is complete.
+- ``cls/chunk-NNNNNNN.npy``: (rows of the chunk, D) float32, the CLS tokens of one chunk, written after the
+  chunk's token shard: a chunk counts as done only once this file exists;
+- ``cls.parquet`` (tile_id, cls): assembled from the chunk files once every chunk is done; its presence means
+  the store is complete.
 
-A chunk's rows are written to disjoint files/byte ranges (its own Zarr shard, its own rows of ``cls.npy``)
-before its marker is renamed into place, so any number of processes may fill disjoint chunks at once and a
-killed writer costs only the chunks without markers.
+Every file a chunk writes (its Zarr shard, its CLS file) belongs to that chunk alone, so any number of
+processes, on one host or several sharing the dataset root, may fill disjoint chunks at once, and a killed
+writer costs only the chunks whose CLS file is missing.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +34,19 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from cytosyn.io import schema
-from cytosyn.io.atomic import TMP_PREFIX, atomic_path, write_bytes_atomic
+from cytosyn.io.atomic import atomic_path, temporary_path
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.io.manifests import iter_kept_tiles
 
-FORMAT_VERSION = 1
-# Chosen by measurement (docs/features.md): byte-shuffled zstd gave the fewest bytes per tile with read
-# speed equal to or better than the faster-to-write codecs.
+# 2: CLS in per-chunk files (1 had one shared cls.npy and done/ markers).
+FORMAT_VERSION = 2
+# Chosen by measurement (docs/features.md) for bytes per tile, the cost that scales to terabytes: the fewest of
+# the candidates. It is the slowest to write and reads no faster than the other compressed codecs.
 TOKENS_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 INDEX_ROW_GROUP_TARGET = 65536
 CLS_ROW_GROUP = 65536
+# The manifest columns the features depend on; their rows are hashed into manifest_sha256.
+MANIFEST_COLUMNS = ("tile_id", "image_path", "image_sha256")
 # Attributes that must match for a rerun to reuse existing chunks (the weights' path may move).
 IDENTITY_KEYS = (
     "format",
@@ -89,15 +92,11 @@ class FeatureStore:
         return self.layout.features_cls_path(self.extractor)
 
     @property
-    def cls_npy_path(self) -> Path:
-        return self.layout.features_cls_npy_path(self.extractor)
+    def cls_dir(self) -> Path:
+        return self.dir / "cls"
 
-    @property
-    def done_dir(self) -> Path:
-        return self.dir / "done"
-
-    def marker(self, chunk: int) -> Path:
-        return self.done_dir / f"chunk-{chunk:07d}"
+    def cls_chunk_path(self, chunk: int) -> Path:
+        return self.cls_dir / f"chunk-{chunk:07d}.npy"
 
     @property
     def complete(self) -> bool:
@@ -107,12 +106,19 @@ class FeatureStore:
 # --------------------------------------------------------------------------- manifest → index
 
 
-def kept_tile_batches(layout: DatasetLayout) -> Iterator[pa.Table]:
-    """The kept tiles of the manifest in order (the rows features are computed for)."""
+def kept_tile_batches(layout: DatasetLayout, extra_columns: Sequence[str] = ()) -> Iterator[pa.Table]:
+    """The kept tiles of the manifest in order (the rows features are computed for): MANIFEST_COLUMNS + extra."""
     try:
-        yield from iter_kept_tiles(layout, ["tile_id", "image_path", "image_sha256"])
+        yield from iter_kept_tiles(layout, [*MANIFEST_COLUMNS, *extra_columns])
     except FileNotFoundError as exc:
         raise FeaturesError(str(exc)) from None
+
+
+def update_manifest_digest(digest: hashlib._Hash, table: pa.Table) -> None:
+    """Add the rows of ``table`` (MANIFEST_COLUMNS) to the hash recorded as the store's manifest_sha256."""
+    sha = pc.fill_null(table["image_sha256"], "")
+    line = pc.binary_join_element_wise(table["tile_id"], table["image_path"], sha, "\t")
+    digest.update(("\n".join(line.to_pylist()) + "\n").encode("utf-8"))
 
 
 def _index_row_group(chunk_rows: int) -> int:
@@ -129,9 +135,7 @@ def write_index(layout: DatasetLayout, target: Path, chunk_rows: int) -> tuple[i
     pending_rows = 0
     with pq.ParquetWriter(target, schema.FEATURES_INDEX, compression="zstd", write_statistics=True, store_schema=False) as writer:
         for table in kept_tile_batches(layout):
-            sha = pc.fill_null(table["image_sha256"], "")
-            line = pc.binary_join_element_wise(table["tile_id"], table["image_path"], sha, "\t")
-            digest.update(("\n".join(line.to_pylist()) + "\n").encode("utf-8"))
+            update_manifest_digest(digest, table)
             rows = pa.array(np.arange(n, n + table.num_rows, dtype=np.int64))
             pending.append(pa.table([rows, table["tile_id"], table["image_path"]], schema=schema.FEATURES_INDEX))
             pending_rows += table.num_rows
@@ -147,7 +151,7 @@ def write_index(layout: DatasetLayout, target: Path, chunk_rows: int) -> tuple[i
 
 
 class IndexReader:
-    """Rows [a, b) of the index, reading one row group at a time (bounded memory on 40M-row indexes)."""
+    """Rows [a, b) of an index file, reading one row group at a time (bounded memory on 40M-row indexes)."""
 
     def __init__(self, path: Path):
         self.file = pq.ParquetFile(path)
@@ -170,7 +174,7 @@ class IndexReader:
             parts.append(table.slice(lo, take))
             a += take
             g += 1
-        return pa.concat_tables(parts) if parts else schema.FEATURES_INDEX.empty_table()
+        return pa.concat_tables(parts) if parts else self.file.schema_arrow.empty_table()
 
 
 # --------------------------------------------------------------------------- plan
@@ -178,7 +182,7 @@ class IndexReader:
 
 def _create_tokens(path: Path, rows: int, grid: int, dim: int, chunk_rows: int, attributes: dict) -> None:
     """Create the Zarr array's metadata under a temporary name, then rename: readers never see half of it."""
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}"
+    tmp = temporary_path(path)
     try:
         zarr.create_array(
             store=str(tmp),
@@ -195,27 +199,21 @@ def _create_tokens(path: Path, rows: int, grid: int, dim: int, chunk_rows: int, 
         except OSError:
             if not path.exists():
                 raise
-            # Another writer created it first; its metadata is validated by the caller.
+            # Another writer created it first (renaming onto a non-empty folder fails); the caller checks it.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _create_cls_npy(path: Path, rows: int, dim: int) -> None:
-    with atomic_path(path) as tmp:
-        if rows:
-            # A sparse file: untouched rows take no disk space until a chunk writes them.
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dim)).flush()
-        else:
-            with open(tmp, "wb") as fh:  # np.save on a path would append ".npy" to the temporary name
-                np.save(fh, np.zeros((0, dim), dtype=np.float32))
 
 
 def _identity(attrs: dict) -> dict:
     return {k: attrs.get(k) for k in IDENTITY_KEYS}
 
 
+def _tokens_attrs(store: FeatureStore) -> dict:
+    return dict(zarr.open_array(str(store.tokens_path), mode="r").attrs)
+
+
 def plan_store(store: FeatureStore, provenance: dict, chunk_rows: int) -> int:
-    """Write the index and create the arrays, or check that existing ones were made from the same inputs.
+    """Write the index and create the token array, or check that an existing one was made from the same inputs.
 
     ``provenance`` describes the extractor (see ``extract.provenance``); the manifest hash, row count and
     chunking are added here. Returns the number of rows.
@@ -225,20 +223,16 @@ def plan_store(store: FeatureStore, provenance: dict, chunk_rows: int) -> int:
     with atomic_path(store.index_path) as tmp:
         rows, manifest_sha = write_index(store.layout, tmp, chunk_rows)
         attrs = {**provenance, "format": FORMAT_VERSION, "manifest_sha256": manifest_sha, "rows": rows, "chunk_rows": chunk_rows}
-        if store.tokens_path.exists():
-            existing = dict(zarr.open_array(str(store.tokens_path), mode="r").attrs)
-            if _identity(existing) != _identity(attrs):
-                diff = sorted(k for k in IDENTITY_KEYS if existing.get(k) != attrs.get(k))
-                raise FeaturesError(
-                    f"{store.dir}: computed with different {', '.join(diff)} than asked now "
-                    f"(tile manifest, weights or settings changed); delete {store.dir} and rerun `cytosyn data features`"
-                )
-    shape = (rows, provenance["embed_dim"])
-    if not store.cls_npy_path.exists() or np.load(store.cls_npy_path, mmap_mode="r").shape != shape:
-        # Absent, or left with another shape by a plan that was killed before tokens.zarr existed.
-        _create_cls_npy(store.cls_npy_path, *shape)
-    if not store.tokens_path.exists():
-        _create_tokens(store.tokens_path, rows, provenance["token_grid"], provenance["embed_dim"], chunk_rows, attrs)
+        if not store.tokens_path.exists():
+            _create_tokens(store.tokens_path, rows, provenance["token_grid"], provenance["embed_dim"], chunk_rows, attrs)
+        # Checked even after creating it: a writer started at the same time may have won the race.
+        existing = _tokens_attrs(store)
+        if _identity(existing) != _identity(attrs):
+            diff = sorted(k for k in IDENTITY_KEYS if existing.get(k) != attrs.get(k))
+            raise FeaturesError(
+                f"{store.dir}: computed with different {', '.join(diff)} than asked now "
+                f"(tile manifest, weights or settings changed); delete {store.dir} and rerun `cytosyn data features`"
+            )
     return rows
 
 
@@ -254,12 +248,11 @@ def num_chunks(rows: int, chunk_rows: int) -> int:
 
 
 class ChunkWriter:
-    """Writes finished chunks: tokens shard, CLS rows, then the marker (in that order)."""
+    """Writes finished chunks: the chunk's token shard, then its CLS file (which marks it done)."""
 
     def __init__(self, store: FeatureStore):
         self.store = store
         self.tokens = zarr.open_array(str(store.tokens_path), mode="r+")
-        self.cls = np.load(store.cls_npy_path, mmap_mode="r+")
         self.chunk_rows = int(self.tokens.attrs["chunk_rows"])
 
     def write(self, chunk: int, cls: np.ndarray, tokens: np.ndarray) -> None:
@@ -271,50 +264,60 @@ class ChunkWriter:
         shard_file = self.store.tokens_path / self.tokens.metadata.encode_chunk_key((chunk, 0, 0, 0))
         shard_file.unlink(missing_ok=True)
         self.tokens[a:b] = tokens.astype(np.float16, copy=False)
-        self.cls[a:b] = cls
-        self.cls.flush()
-        write_bytes_atomic(self.store.marker(chunk), b"")
+        with atomic_path(self.store.cls_chunk_path(chunk)) as tmp, open(tmp, "wb") as fh:
+            # To an open file: np.save on a path would append ".npy" to the temporary name.
+            np.save(fh, np.ascontiguousarray(cls, dtype=np.float32))
 
 
 def done_chunks(store: FeatureStore) -> set[int]:
-    if not store.done_dir.exists():
+    if not store.cls_dir.exists():
         return set()
-    return {int(p.name.split("-")[1]) for p in store.done_dir.glob("chunk-*")}
+    return {int(p.stem.split("-")[1]) for p in store.cls_dir.glob("chunk-*.npy")}
+
+
+class ClsRows:
+    """The CLS matrix of a store, read by row from its per-chunk files without loading it all."""
+
+    def __init__(self, store: FeatureStore):
+        attrs = _tokens_attrs(store)
+        self.store = store
+        self.shape = (int(attrs["rows"]), int(attrs["embed_dim"]))
+        self.chunk_rows = int(attrs["chunk_rows"])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), D) float32: the CLS of ``rows`` (any order, repeats allowed), one file open per chunk hit."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        chunks = rows // self.chunk_rows
+        order = np.argsort(chunks, kind="stable")
+        hit, first = np.unique(chunks[order], return_index=True)
+        for c, lo, hi in zip(hit.tolist(), first.tolist(), [*first[1:].tolist(), len(rows)]):
+            at = order[lo:hi]
+            out[at] = np.load(self.store.cls_chunk_path(c), mmap_mode="r")[rows[at] - c * self.chunk_rows]
+        return out
 
 
 def finalize(store: FeatureStore) -> bool:
-    """Write cls.parquet once every chunk has its marker; returns whether the store is complete.
+    """Write cls.parquet once every chunk is done; returns whether the store is complete.
 
     Safe to call from several processes: each writes identical bytes and renames atomically.
     """
     if store.complete:
         return True
-    tokens = zarr.open_array(str(store.tokens_path), mode="r")
-    rows, dim, chunk_rows = tokens.shape[0], tokens.shape[-1], int(tokens.attrs["chunk_rows"])
-    if len(done_chunks(store)) < num_chunks(rows, chunk_rows):
+    cls = ClsRows(store)
+    rows, dim = cls.shape
+    if len(done_chunks(store)) < num_chunks(rows, cls.chunk_rows):
         return False
     index = IndexReader(store.index_path)
-    cls = np.load(store.cls_npy_path, mmap_mode="r")
     cls_schema = schema.features_cls_schema(dim)
     with atomic_path(store.cls_path) as tmp:
         with pq.ParquetWriter(tmp, cls_schema, compression="zstd", write_statistics=["tile_id"]) as writer:
             for a in range(0, rows, CLS_ROW_GROUP):
                 b = min(rows, a + CLS_ROW_GROUP)
-                values = pa.array(np.ascontiguousarray(cls[a:b]).reshape(-1))
+                values = pa.array(cls.take(np.arange(a, b)).reshape(-1))
                 block = pa.table([index.rows(a, b)["tile_id"], pa.FixedSizeListArray.from_arrays(values, dim)], schema=cls_schema)
                 writer.write_table(block, row_group_size=CLS_ROW_GROUP)
     return True
-
-
-def remove_stale(store: FeatureStore) -> None:
-    """Delete what a killed single writer left: temporary files and half-created arrays."""
-    if not store.dir.exists():
-        return
-    for p in store.dir.rglob(TMP_PREFIX + "*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- reads
@@ -325,6 +328,12 @@ def _require_complete(store: FeatureStore) -> None:
         raise FeaturesError(
             f"{store.dir}: features are missing or incomplete; run `cytosyn data features {store.layout.root} "
             f"--extractor {store.extractor}` first"
+        )
+    found = _tokens_attrs(store).get("format")
+    if found != FORMAT_VERSION:
+        raise FeaturesError(
+            f"{store.dir}: store format {found}, this version reads format {FORMAT_VERSION}; delete {store.dir} and "
+            f"rerun `cytosyn data features`"
         )
 
 
@@ -350,8 +359,18 @@ def read_cls(layout: DatasetLayout, extractor: str = "h0-mini") -> tuple[list[st
     return table["tile_id"].to_pylist(), column.values.to_numpy().reshape(len(column), column.type.list_size)
 
 
-def open_cls_rows(layout: DatasetLayout, extractor: str = "h0-mini") -> np.ndarray:
-    """The CLS matrix as a read-only memory map, for reading scattered rows without loading it all."""
+def open_cls_rows(layout: DatasetLayout, extractor: str = "h0-mini") -> ClsRows:
+    """The CLS matrix for reading scattered rows (``.take(rows)``) without loading it all."""
     store = FeatureStore(layout, extractor)
     _require_complete(store)
-    return np.load(store.cls_npy_path, mmap_mode="r")
+    return ClsRows(store)
+
+
+def features_identity(layout: DatasetLayout, extractor: str = "h0-mini") -> dict:
+    """What a complete store's features are a function of (manifest, weights, compute dtype, settings).
+
+    Whoever copies the features elsewhere (the shard writer) records it, to notice features recomputed since.
+    """
+    store = FeatureStore(layout, extractor)
+    _require_complete(store)
+    return _identity(_tokens_attrs(store))

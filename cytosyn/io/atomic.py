@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import os
-import threading
+import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TMP_PREFIX = ".tmp-"
+
+
+def temporary_path(target: str | Path) -> Path:
+    """A fresh temporary name beside ``target`` (a file or a folder), removable by ``remove_stale_temporaries``.
+
+    A random suffix, not the pid: writers on several hosts sharing one dataset root have colliding pids.
+    """
+    target = Path(target)
+    return target.with_name(f"{TMP_PREFIX}{target.name}.{uuid.uuid4().hex}")
 
 
 @contextlib.contextmanager
@@ -25,8 +35,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Unique per process and thread, and cheaper than mkstemp on the per-tile hot path.
-    tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{os.getpid()}-{threading.get_ident()}")
+    tmp = temporary_path(target)
     try:
         yield tmp
         if tmp.exists():
@@ -65,14 +74,23 @@ def write_parquet_atomic(target: str | Path, table: pa.Table | pd.DataFrame, sch
     return True
 
 
-def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete temporary files left by a killed run; returns how many were removed."""
+def remove_stale_temporaries(folder: str | Path, recursive: bool = True) -> int:
+    """Delete the temporary files and folders a killed run left under ``folder`` (in it only, unless
+    ``recursive``); returns how many were removed.
+
+    Only safe while no other writer works under ``folder``: their temporaries look the same.
+    """
     folder = Path(folder)
     if not folder.exists():
         return 0
     removed = 0
-    for path in folder.rglob(TMP_PREFIX + "*"):
-        if path.is_file():
+    # Sorted, so a temporary folder goes before anything inside it (which then no longer exists).
+    for path in sorted((folder.rglob if recursive else folder.glob)(TMP_PREFIX + "*")):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
             path.unlink(missing_ok=True)
-            removed += 1
+        else:
+            continue
+        removed += 1
     return removed

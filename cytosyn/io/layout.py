@@ -77,9 +77,12 @@ class DatasetLayout:
     def tiles_path(self, slide_id: str) -> Path:
         return self.tiles_dir / f"{slide_id}.parquet"
 
+    def slide_images_dir(self, project: str, slide_id: str) -> Path:
+        return self.root / _slide_images(project, slide_id)
+
     def tile_image_relpath(self, project: str, slide_id: str, tile_id: str) -> str:
         """Relative path stored in the `image_path` column."""
-        return f"images/{project}/{slide_id}/{tile_id}.png"
+        return f"{_slide_images(project, slide_id)}/{tile_id}.png"
 
     # --- curation (docs/curation.md)
     @property
@@ -117,8 +120,11 @@ class DatasetLayout:
     def variant_tiles_path(self, variant: str, slide_id: str) -> Path:
         return self.variants_dir(variant) / "tiles" / f"{slide_id}.parquet"
 
+    def variant_slide_images_dir(self, variant: str, project: str, slide_id: str) -> Path:
+        return self.root / "variants" / variant / _slide_images(project, slide_id)
+
     def variant_image_relpath(self, variant: str, project: str, slide_id: str, tile_id: str, ext: str) -> str:
-        return f"variants/{variant}/images/{project}/{slide_id}/{tile_id}.{ext}"
+        return f"variants/{variant}/{_slide_images(project, slide_id)}/{tile_id}.{ext}"
 
     # --- features and shards (docs/features.md, docs/shards.md)
     def features_cls_path(self, extractor: str) -> Path:
@@ -130,10 +136,6 @@ class DatasetLayout:
     def features_index_path(self, extractor: str) -> Path:
         return self.features_dir(extractor) / "tokens.index.parquet"
 
-    def features_cls_npy_path(self, extractor: str) -> Path:
-        """The CLS matrix again, float32 (N, D) in token row order: random access by row (the shard writer)."""
-        return self.features_dir(extractor) / "cls.npy"
-
     def shard_path(self, split: str, shard: int) -> Path:
         return self.shards_dir(split) / f"shard-{shard:05d}.parquet"
 
@@ -142,3 +144,8 @@ class DatasetLayout:
 
     def shards_manifest_path(self, split: str) -> Path:
         return self.shards_dir(split) / "shards.json"
+
+
+def _slide_images(project: str, slide_id: str) -> str:
+    """The folder of one slide's images, relative to the dataset root (or to a variant's folder)."""
+    return f"images/{project}/{slide_id}"

@@ -103,7 +103,7 @@ CURATION_PREDICTIONS = pa.schema(
 
 
 # features/<extractor>/ (docs/features.md). tokens.index.parquet gives the row of tokens.zarr (and of
-# cls.parquet / cls.npy, which follow the same order) of every kept tile.
+# cls.parquet and the per-chunk cls/ files, which follow the same order) of every kept tile.
 FEATURES_INDEX = pa.schema([("row", pa.int64()), ("tile_id", pa.string()), ("image_path", pa.string())])
 
 

@@ -127,12 +127,17 @@ def create_backbone(
     return model
 
 
+def normalise_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 RGB (…, 3, H, W) on any device → float32 (x/255 − mean)/std on that device: a backbone's input."""
+    x = images.float() / 255.0
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x - m) / s
+
+
 def to_normalised_tensor(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """HWC uint8 RGB → CHW float32, (x/255 − mean)/std: a backbone's input."""
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s
+    return normalise_images(torch.from_numpy(rgb).permute(2, 0, 1), mean, std)
 
 
 def with_overrides(spec: BackboneSpec, **changes) -> BackboneSpec:

@@ -21,7 +21,7 @@ from cytosyn.io.atomic import remove_stale_temporaries, write_parquet_atomic, wr
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.io.manifests import write_slide_selection
 from cytosyn.parallel import map_unordered
-from cytosyn.pipeline.inventory import take_inventory
+from cytosyn.pipeline.inventory import DEMO_SLIDES_DIR, take_inventory
 from cytosyn.pipeline.report import write_build_report
 from cytosyn.pipeline.slide_stages import SlideJob, crashed_slide, extract_slide, relative_to_root, scan_slide
 from cytosyn.tiling.grid import sample_cells
@@ -172,8 +172,14 @@ def build_dataset(cfg: PipelineConfig, out: str | Path) -> BuildResult:
     layout.root.mkdir(parents=True, exist_ok=True)
     slides = take_inventory(cfg, layout)
     _check_provenance(layout, cfg)
-    for folder in (layout.masks_dir, layout.candidates_dir, layout.selection_dir, layout.tiles_dir, layout.qc_dir, layout.images_dir):
-        remove_stale_temporaries(folder)
+    # What a killed run left half-written. Tile images are cleaned per slide, by the worker that
+    # extracts it: walking 40M images at every start would cost minutes.
+    for folder in (
+        layout.root, layout.root / DEMO_SLIDES_DIR, layout.masks_dir, layout.candidates_dir, layout.selection_dir,
+        layout.tiles_dir, layout.qc_dir, layout.reports_dir,
+    ):
+        remove_stale_temporaries(folder, recursive=False)
+    remove_stale_temporaries(layout.curation_dir)
 
     jobs = _jobs(layout, slides, cfg)
     run = dict(workers=cfg.workers, dask_address=cfg.dask_address, on_crash=crashed_slide)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from cytosyn.config import PipelineConfig
 from cytosyn.errors import one_line
-from cytosyn.io.atomic import write_bytes_atomic, write_parquet_atomic
+from cytosyn.io.atomic import remove_stale_temporaries, write_bytes_atomic, write_parquet_atomic
 from cytosyn.io import schema
 from cytosyn.io.layout import DatasetLayout
 from cytosyn.slides import Slide, SlideError, open_slide
@@ -93,6 +93,7 @@ def extract_slide(job: SlideJob) -> dict:
         result["n_tiles"] = pd.read_parquet(tiles_path, columns=["tile_id"]).shape[0]
         return result
     try:
+        remove_stale_temporaries(layout.slide_images_dir(job.project, job.slide_id))
         selection = pd.read_parquet(layout.selection_path(job.slide_id))
         tiling = job.cfg.tiling
         with _open(job) as slide:

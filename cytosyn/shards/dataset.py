@@ -4,7 +4,8 @@ One epoch, for every rank and DataLoader worker (docs/shards.md has the full def
 
 1. the shards are put in an order drawn from (seed, epoch) and read as one sequence of samples;
 2. rank r of R takes the contiguous part [r·T/R, (r+1)·T/R) of that sequence (ranks differ by ≤ 1 sample),
-   and its W loader workers split that part the same way;
+   and its W loader workers split that part the same way; with ``even_ranks`` (the default under DDP) every
+   rank yields ⌊T/R⌋ samples, so every rank takes the same number of steps;
 3. each worker passes its part through a shuffle buffer whose draws come from (seed, epoch, rank, worker)
    and cuts the result into batches of ``batch_size`` (the last one shorter);
 4. PyTorch's DataLoader hands the workers' batches out round-robin (worker 0, 1, …, skipping finished
@@ -23,13 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cytosyn.io.images import decode_png_rgb
 from cytosyn.shards.writer import ShardsError, read_shards_manifest
 
 _META = ("tile_id", "slide_id", "project", "tss_code")
@@ -82,20 +83,18 @@ def _split_range(a: int, b: int, parts: int, i: int) -> tuple[int, int]:
     return a + i * n // parts, a + (i + 1) * n // parts
 
 
-def decode_png(data: bytes, where: str) -> np.ndarray:
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ShardsError(f"{where}: PNG bytes do not decode; rewrite this shard (delete it and rerun `cytosyn data shards`)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+_REWRITE_SHARD = "rewrite this shard (delete it and rerun `cytosyn data shards`)"
 
 
 class ShardDataset(IterableDataset):
     """Batches of a split's shards: ``image`` uint8 (B, 3, H, W) RGB (channels_last memory), ``cls`` float32 (B, D), ``tokens`` float16
     (B, 14, 14, D) unless ``load_tokens=False``, and lists ``tile_id``, ``slide_id``, ``project``, ``tss_code``.
 
-    ``rank``/``world_size`` default to torch.distributed's when it is initialised. Iterate it through
-    ``loader()`` (a DataLoader that also keeps the resume state); a plain ``DataLoader(ds, batch_size=None)``
-    works too but only tracks the state with ``num_workers=0``.
+    ``rank``/``world_size`` default to torch.distributed's when it is initialised. ``even_ranks`` (default: on
+    when ``world_size`` > 1) gives every rank ⌊T/R⌋ samples per epoch, hence the same number of batches with
+    the same batch size and number of loader workers; it leaves out T mod R < R samples per epoch
+    (docs/shards.md). Iterate it through ``loader()`` (a DataLoader that also keeps the resume state); a plain
+    ``DataLoader(ds, batch_size=None)`` works too but only tracks the state with ``num_workers=0``.
     """
 
     def __init__(
@@ -108,6 +107,7 @@ class ShardDataset(IterableDataset):
         load_tokens: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        even_ranks: bool | None = None,
     ):
         super().__init__()
         self.dir = Path(shards_dir)
@@ -122,6 +122,7 @@ class ShardDataset(IterableDataset):
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
+        self.even_ranks = self.world_size > 1 if even_ranks is None else bool(even_ranks)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
@@ -129,6 +130,7 @@ class ShardDataset(IterableDataset):
         self.epoch = 0
         self.samples_yielded = 0
         self.num_streams = 1  # loader workers the current epoch is split over (1 without workers)
+        self._restored = False  # a loaded state not yet iterated: set_epoch of its epoch keeps its position
 
     # ------------------------------------------------------------------ the epoch plan
 
@@ -141,12 +143,23 @@ class ShardDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Samples this rank receives per epoch."""
+        if self.even_ranks:
+            # The shortest rank part, computed locally: every rank knows T and R, no communication needed.
+            return self.num_samples // self.world_size
         a, b = self._rank_range()
         return b - a
 
-    def _stream_lengths(self, streams: int) -> list[int]:
+    def _streams(self, streams: int) -> list[tuple[int, int, int]]:
+        """(first, stop, kept) per loader stream: positions [first, stop) of the epoch's sequence are fed to the
+        stream's shuffle buffer, and the first ``kept`` positions it emits are yielded.
+
+        The streams split ``len(self)`` samples the same way on every rank; a rank whose part is one sample longer
+        (even_ranks) feeds it to its last stream, which then drops the sample its buffer would emit last.
+        """
         a, b = self._rank_range()
-        return [hi - lo for lo, hi in (_split_range(a, b, streams, w) for w in range(streams))]
+        n = len(self)
+        starts = [a + w * n // streams for w in range(streams)] + [b]
+        return [(starts[w], starts[w + 1], (w + 1) * n // streams - w * n // streams) for w in range(streams)]
 
     def _pieces(self, epoch: int, a: int, b: int) -> list[tuple[int, int, int]]:
         """(shard, first, stop) row ranges covering [a, b) of the epoch's shard sequence."""
@@ -163,6 +176,11 @@ class ShardDataset(IterableDataset):
     # ------------------------------------------------------------------ state
 
     def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning, unless it is the epoch of a state just loaded: then keep that
+        state's position, so a training loop that calls ``set_epoch`` at the top of each epoch resumes exactly."""
+        if self._restored and int(epoch) == self.epoch:
+            return
+        self._restored = False
         self.epoch = int(epoch)
         self.samples_yielded = 0
 
@@ -175,30 +193,35 @@ class ShardDataset(IterableDataset):
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
+            "even_ranks": self.even_ranks,
             "num_samples": self.num_samples,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("batch_size", "seed", "rank", "world_size", "num_samples"):
-            if state[key] != getattr(self, key):
+        for key in ("batch_size", "seed", "rank", "world_size", "even_ranks", "num_samples"):
+            if state.get(key) != getattr(self, key):
                 raise ShardsError(
-                    f"{self.dir}: resume state has {key}={state[key]} but this dataset has {getattr(self, key)}; "
+                    f"{self.dir}: resume state has {key}={state.get(key)} but this dataset has {getattr(self, key)}; "
                     f"build the dataset with the settings the state was saved with"
                 )
         self.epoch = int(state["epoch"])
         self.samples_yielded = int(state["samples_yielded"])
         self.num_streams = int(state["num_workers"])
+        self._restored = True
 
     def _finish_epoch(self) -> None:
-        self.set_epoch(self.epoch + 1)
+        self.epoch += 1
+        self.samples_yielded = 0
 
     def _check_streams(self, streams: int) -> None:
+        """Called as an epoch's iteration starts: from here on, a loaded state is being consumed."""
         if self.samples_yielded and streams != self.num_streams:
             raise ShardsError(
                 f"{self.dir}: resume state was saved with {self.num_streams} loader worker(s), now {streams}; "
                 f"resume with num_workers={self.num_streams if self.num_streams > 1 else 0}"
             )
         self.num_streams = streams
+        self._restored = False
 
     def loader(self, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int | None = None) -> ShardLoader:
         return ShardLoader(self, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
@@ -217,17 +240,15 @@ class ShardDataset(IterableDataset):
             yield from self._worker_batches(info.id, info.num_workers)
 
     def _worker_batches(self, worker: int, streams: int) -> Iterator[dict]:
-        lengths = self._stream_lengths(streams)
-        done, next_stream = resume_point(lengths, self.batch_size, self.samples_yielded)
+        plan = self._streams(streams)
+        done, next_stream = resume_point([kept for _, _, kept in plan], self.batch_size, self.samples_yielded)
         # The DataLoader's cycle restarts at worker 0: give worker 0 the stream that was next in the cycle,
         # so the resumed hand-out continues the interrupted one exactly.
         stream = (worker + next_stream) % streams
         skip = done[stream] * self.batch_size
-        ra, _ = self._rank_range()
-        offsets = np.concatenate([[ra], ra + np.cumsum(lengths)])
-        a, b = int(offsets[stream]), int(offsets[stream + 1])
+        a, b, kept = plan[stream]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size, stream, streams])
-        emit = shuffle_buffer_order(b - a, self.shuffle_buffer, rng)[skip:]
+        emit = shuffle_buffer_order(b - a, self.shuffle_buffer, rng)[skip:kept]
         needed = np.zeros(b - a, dtype=bool)
         needed[emit] = True
         samples = self._read(self._pieces(self.epoch, a, b), needed)
@@ -284,7 +305,7 @@ class ShardDataset(IterableDataset):
             pos += stop - first
 
     def _collate(self, samples: list[tuple]) -> dict:
-        images = np.stack([decode_png(s[4], s[7]) for s in samples])
+        images = np.stack([decode_png_rgb(s[4], s[7], _REWRITE_SHARD) for s in samples])
         batch = {c: [s[i] for s in samples] for i, c in enumerate(_META)}
         # A (B, 3, H, W) view in channels_last memory: no copy here; .to(device) keeps the layout.
         batch["image"] = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -311,7 +332,7 @@ class ShardLoader(DataLoader):
     def __len__(self) -> int:
         """Batches this rank receives in a whole epoch with this loader's number of workers."""
         ds: ShardDataset = self.dataset
-        return sum(-(-n // ds.batch_size) for n in ds._stream_lengths(max(self.num_workers, 1)))
+        return sum(-(-kept // ds.batch_size) for _, _, kept in ds._streams(max(self.num_workers, 1)))
 
     def __iter__(self) -> Iterator[dict]:
         ds: ShardDataset = self.dataset
