@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cytosyn.cohort.splits import GUIDANCE, TRAIN, VAL_IN, VAL_OUT, SlideSplitReport, assign_slide_splits
@@ -42,6 +43,9 @@ from cytosyn.parallel import map_unordered
 
 COUNT_COLUMNS = {VAL_IN: "n_val_in", TRAIN: "n_train", VAL_OUT: "n_val_out", GUIDANCE: "n_guidance"}
 SPLIT_ORDER = (VAL_IN, TRAIN, VAL_OUT, GUIDANCE)
+# Candidates are drawn, and selection rows written, in this order: neither depends on the file's row order.
+_CELL_ORDER = [("y", "ascending"), ("x", "ascending"), ("tile_id", "ascending")]
+_SPLIT_NAMES = pa.array(SPLIT_ORDER, pa.string())
 PLAN_COLUMNS = ["slide_id", "tss_code", "project", "split", "capacity", *COUNT_COLUMNS.values()]
 
 
@@ -159,16 +163,41 @@ class _SlideJob:
 def _select_slide(job: _SlideJob) -> dict:
     layout = DatasetLayout(job.root)
     try:
-        path = layout.candidates_path(job.slide_id)
-        cands = pd.read_parquet(path) if path.exists() else schema.CANDIDATES.empty_table().to_pandas()
-        cands = cands.sort_values(["y", "x", "tile_id"], kind="stable").reset_index(drop=True)
-        positions, codes, guidance = draw_cells(len(cands), dict(job.counts), job.seed, job.slide_id, job.external)
-        picked = cands.iloc[positions].assign(split=np.array(SPLIT_ORDER, dtype=object)[codes], guidance=guidance)
-        picked = picked.sort_values(["y", "x", "tile_id"], kind="stable").reset_index(drop=True)
+        cands = _read_candidates(layout.candidates_path(job.slide_id))
+        order = pc.sort_indices(cands, sort_keys=_CELL_ORDER).to_numpy()
+        positions, codes, guidance = draw_cells(len(order), dict(job.counts), job.seed, job.slide_id, job.external)
+        # The picks in position order are in cell order; picks sharing a key (duplicate candidates)
+        # keep their draw order, as a stable sort of the picks by that key would.
+        by_cell = np.argsort(_key_ranks(cands, order)[positions], kind="stable")
+        picked = cands.take(order[positions[by_cell]])
+        picked = picked.append_column("split", pc.take(_SPLIT_NAMES, codes[by_cell])).append_column("guidance", pa.array(guidance[by_cell]))
         write_slide_selection(layout, job.slide_id, picked)
         return {"slide_id": job.slide_id, "error": None}
     except Exception as exc:  # one unreadable candidate file must not stop the other slides
         return {"slide_id": job.slide_id, "error": _candidates_error(layout.candidates_path(job.slide_id), exc)}
+
+
+def _read_candidates(path: Path) -> pa.Table:
+    """A slide's candidate cells (none without a file) in the file's row order, typed as the file has them:
+    writing the selection casts them to SELECTION."""
+    if not path.exists():
+        return schema.CANDIDATES.empty_table()
+    # A slide is a few thousand rows: reader threads cost more than they save (workers parallelise slides).
+    with pq.ParquetFile(path) as f:
+        # read() skips the columns a file lacks; select() makes a missing one this slide's error.
+        return f.read(columns=schema.CANDIDATES.names, use_threads=False).select(schema.CANDIDATES.names)
+
+
+def _key_ranks(cells: pa.Table, order: np.ndarray) -> np.ndarray:
+    """For the rows of ``cells`` in ``order`` (sorted by (y, x, tile_id)): the rank of each one's key
+    among the distinct keys, so duplicate candidates share a rank."""
+    y, x = cells["y"].to_numpy()[order], cells["x"].to_numpy()[order]
+    new = np.ones(len(order), dtype=bool)
+    # Only a row on the same cell as the row before it can repeat its key: their tile_ids decide.
+    same = np.flatnonzero((y[1:] == y[:-1]) & (x[1:] == x[:-1])) + 1
+    tiles = cells["tile_id"]
+    new[same] = pc.not_equal(tiles.take(order[same]), tiles.take(order[same - 1])).to_numpy(zero_copy_only=False)
+    return np.cumsum(new)
 
 
 def _candidates_error(path: Path, exc: Exception) -> str:

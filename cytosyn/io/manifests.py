@@ -64,8 +64,8 @@ def iter_kept_tiles(layout: DatasetLayout, columns: list[str], split: str | None
             yield table.select(columns)
 
 
-def write_slide_selection(layout: DatasetLayout, slide_id: str, selection: pd.DataFrame) -> bool:
-    """Write one slide's selection (SELECTION schema); returns whether it changed.
+def write_slide_selection(layout: DatasetLayout, slide_id: str, selection: pa.Table | pd.DataFrame) -> bool:
+    """Write one slide's selection (cast to the SELECTION schema); returns whether it changed.
 
     A changed selection invalidates the slide's tile manifest, so the extraction stage redoes that
     slide (PNGs already on disk with the same tile_id are reused, not rewritten).
