@@ -43,13 +43,17 @@ def map_unordered(
     desc: str = "",
     unit: str = "slide",
     on_crash: Callable[[T, BaseException], R] | None = None,
+    batch_size: int = 1,
 ) -> Iterator[R]:
     """Apply ``fn`` to every item; yield results as they finish, with a progress bar.
 
     ``fn`` reports its own failures in its result. What it cannot catch is its worker process dying
-    (a native library crashing on a malformed file): Dask then gives up on the item with
-    ``KilledWorker``, and ``on_crash(item, exc)`` turns that into the item's result so the rest of the
-    batch goes on. Without ``on_crash`` the exception propagates.
+    (a native library crashing on a malformed file): Dask then gives up on the item's task with
+    ``KilledWorker``, and ``on_crash(item, exc)`` turns that into the result of every item of the task
+    so the rest of the batch goes on. Without ``on_crash`` the exception propagates.
+
+    On a cluster, ``batch_size`` items go to each task: a Dask task costs a few milliseconds, as much
+    as a whole item of cheap work (one slide's tile selection).
     """
     if not items:
         return
@@ -61,16 +65,22 @@ def map_unordered(
             return
         from dask.distributed import as_completed
 
+        batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
         with dask_client(workers, dask_address) as client:
             # pure=False: the same item submitted twice (a rerun) must run again, not hit Dask's cache.
-            futures = client.map(fn, list(items), pure=False)
-            item_of = dict(zip((f.key for f in futures), items))
+            futures = client.map(_apply_to_each, [fn] * len(batches), batches, pure=False)
+            batch_of = dict(zip((f.key for f in futures), batches))
             for future in as_completed(futures):
                 try:
-                    result = future.result()
+                    results = future.result()
                 except Exception as exc:
                     if on_crash is None:
                         raise
-                    result = on_crash(item_of[future.key], exc)
-                yield result
-                bar.update()
+                    results = [on_crash(item, exc) for item in batch_of[future.key]]
+                for result in results:
+                    yield result
+                    bar.update()
+
+
+def _apply_to_each(fn: Callable[[T], R], batch: list[T]) -> list[R]:
+    return [fn(item) for item in batch]

@@ -46,6 +46,8 @@ SPLIT_ORDER = (VAL_IN, TRAIN, VAL_OUT, GUIDANCE)
 # Candidates are drawn, and selection rows written, in this order: neither depends on the file's row order.
 _CELL_ORDER = [("y", "ascending"), ("x", "ascending"), ("tile_id", "ascending")]
 _SPLIT_NAMES = pa.array(SPLIT_ORDER, pa.string())
+# Slides per Dask task: one slide's selection takes about as long as a task's own overhead (~4 ms).
+SELECTION_BATCH = 64
 PLAN_COLUMNS = ["slide_id", "tss_code", "project", "split", "capacity", *COUNT_COLUMNS.values()]
 
 
@@ -158,6 +160,13 @@ class _SlideJob:
     seed: int
     external: bool
     counts: tuple[tuple[str, int], ...]
+
+
+def _crashed_selection(job: _SlideJob, exc: BaseException) -> dict:
+    path = DatasetLayout(job.root).candidates_path(job.slide_id)
+    return {"slide_id": job.slide_id, "error": one_line(
+        f"{path}: the worker process died ({exc.__class__.__name__}) selecting a batch of slides that includes this one; "
+        "rerun the build (with --workers 1 to find the slide that crashes it)")}
 
 
 def _select_slide(job: _SlideJob) -> dict:
@@ -408,7 +417,10 @@ def select_tiles(
         for r in plan.itertuples(index=False)
         if r.slide_id not in unreadable
     ]
-    results = map_unordered(_select_slide, jobs, workers=workers, dask_address=dask_address, desc="selection")
+    results = map_unordered(
+        _select_slide, jobs, workers=workers, dask_address=dask_address, desc="selection",
+        on_crash=_crashed_selection, batch_size=SELECTION_BATCH,
+    )
     errors = {r["slide_id"]: r["error"] for r in results if r["error"]} | unreadable
     # A slide whose candidates cannot be read gets no selection: an old one would not match the plan.
     stale = _remove_stale_selections(layout, set(plan["slide_id"]) - set(unreadable))
