@@ -15,10 +15,11 @@ Per-slide capacities (candidate cells) are synthetic — lognormal around 5,000 
    estimated against the 60 s target: phase 1's all-slide work besides the draw (split, plan,
    report), plus every slide at the sample's cost per slide: its select_tiles time less its slide
    split, plan and report, timed apart on the same slides because their cost depends on the cohort
-   rather than on the files. Workers are not timed: a Dask task costs about as much as a slide's
-   selection, so how much they save depends on the cohort's size, which a sample cannot show.
+   rather than on the files. With ``--workers N`` the sample is selected on a local Dask cluster of N
+   processes (its start-up included; slides go 64 to a task): use a sample of a few thousand slides
+   so that start-up does not dominate.
 
-    python benchmarks/selection.py [--manifests DIR] [--budget 40000000] [--io-slides 200] [--repeats 3]
+    python benchmarks/selection.py [--manifests DIR] [--budget 40000000] [--io-slides 200] [--repeats 3] [--workers 1]
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def in_memory(slides: pd.DataFrame, cohort: CohortConfig, seed: int) -> tuple[pd
 
 
 def with_files(slides: pd.DataFrame, usable: pd.DataFrame, all_slide_s: float, cohort: CohortConfig, seed: int, n: int,
-               repeats: int) -> None:
+               repeats: int, workers: int) -> None:
     """Phase 2: ``select_tiles`` on a sample of ``n`` slides, extrapolated to all usable slides."""
     pick = np.sort(np.random.default_rng(7).choice(len(usable), size=min(n, len(usable)), replace=False))
     sample = usable.iloc[pick]
@@ -140,7 +141,7 @@ def with_files(slides: pd.DataFrame, usable: pd.DataFrame, all_slide_s: float, c
         for _ in range(repeats):
             shutil.rmtree(layout.selection_dir, ignore_errors=True)
             t0 = time.perf_counter()
-            report = select_tiles(layout, scaled, seed)
+            report = select_tiles(layout, scaled, seed, workers=workers)
             per_slide.append((time.perf_counter() - t0 - cohort_s) / len(sample))
             if not report.ok:
                 raise SystemExit(f"the sample's selection failed: {report.errors[:3]}")
@@ -149,7 +150,8 @@ def with_files(slides: pd.DataFrame, usable: pd.DataFrame, all_slide_s: float, c
     estimate = [all_slide_s + p * len(usable) for p in (lo, hi)]
     verdict = "met" if estimate[1] < TARGET_S else "not met" if estimate[0] >= TARGET_S else "met in some runs"
     print(f"select_tiles on the sample ({tiles:,} tiles, {repeats} runs): {1000 * lo:.1f}–{1000 * hi:.1f} ms a slide besides")
-    print(f"estimate for all {len(usable)} slides with files, one process: {estimate[0]:.0f}–{estimate[1]:.0f} s "
+    where = "one process" if workers == 1 else f"{workers} worker processes"
+    print(f"estimate for all {len(usable)} slides with files, {where}: {estimate[0]:.0f}–{estimate[1]:.0f} s "
           f"(target < {TARGET_S} s: {verdict})")
 
 
@@ -160,6 +162,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--io-slides", type=int, default=200, help="slides in the with-files sample (0 skips it)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of the with-files selection (the range is reported)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes of the with-files selection")
     args = parser.parse_args()
     if not args.manifests.is_dir():
         raise SystemExit(f"{args.manifests}: no such folder of GDC manifests; pass --manifests DIR")
@@ -170,7 +173,7 @@ def main() -> None:
     usable, all_slide_s = in_memory(slides, cohort, args.seed)
     rss_memory = peak_rss_mb()
     if args.io_slides > 0:
-        with_files(slides, usable, all_slide_s, cohort, args.seed, args.io_slides, args.repeats)
+        with_files(slides, usable, all_slide_s, cohort, args.seed, args.io_slides, args.repeats, args.workers)
     print(f"peak RSS: {peak_rss_mb():.0f} MB (after loading the inventory: {rss_start:.0f} MB; after the in-memory phase: {rss_memory:.0f} MB)")
 
 
