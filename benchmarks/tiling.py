@@ -36,8 +36,10 @@ def floor_loop(slide, cells: pd.DataFrame) -> int:
     handle = slide._handle  # the backend object itself: the floor must not go through cytosyn's reader
     fp = slide.footprint(SIZE, MPP)
     for x, y in zip(cells.x.tolist(), cells.y.tolist()):
-        # The cheapest bare path: one colour conversion straight to the BGR that imencode wants.
-        region = cv2.cvtColor(np.asarray(handle.read_region((x, y), fp.read_level, (fp.read_w, fp.read_h))), cv2.COLOR_RGBA2BGR)
+        # The cheapest bare path: one colour conversion straight to the BGR that imencode wants
+        # (OpenSlide gives RGBA, tiffslide RGB).
+        region = np.asarray(handle.read_region((x, y), fp.read_level, (fp.read_w, fp.read_h)))
+        region = cv2.cvtColor(region, cv2.COLOR_RGBA2BGR if region.shape[2] == 4 else cv2.COLOR_RGB2BGR)
         tile = cv2.resize(region, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
         ok, _ = cv2.imencode(".png", tile, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
         assert ok

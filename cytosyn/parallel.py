@@ -48,9 +48,11 @@ def map_unordered(
     """Apply ``fn`` to every item; yield results as they finish, with a progress bar.
 
     ``fn`` reports its own failures in its result. What it cannot catch is its worker process dying
-    (a native library crashing on a malformed file): Dask then gives up on the item's task with
-    ``KilledWorker``, and ``on_crash(item, exc)`` turns that into the result of every item of the task
-    so the rest of the batch goes on. Without ``on_crash`` the exception propagates.
+    (a native library crashing on a malformed file): Dask then gives up on the task with
+    ``KilledWorker``. The items of a crashed batch are tried again one per task, so the items that
+    did not crash it still come back, and ``on_crash(item, exc)`` becomes the result of the one that
+    crashes on its own; the rest of the batch goes on. Without ``on_crash``, or for any other
+    failure (a lost scheduler, a bug in ``fn``), the exception propagates.
 
     On a cluster, ``batch_size`` items go to each task: a Dask task costs a few milliseconds, as much
     as a whole item of cheap work (one slide's tile selection).
@@ -63,20 +65,28 @@ def map_unordered(
                 yield fn(item)
                 bar.update()
             return
-        from dask.distributed import as_completed
+        from dask.distributed import KilledWorker, as_completed
 
         batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
         with dask_client(workers, dask_address) as client:
             # pure=False: the same item submitted twice (a rerun) must run again, not hit Dask's cache.
             futures = client.map(_apply_to_each, [fn] * len(batches), batches, pure=False)
             batch_of = dict(zip((f.key for f in futures), batches))
-            for future in as_completed(futures):
+            pending = as_completed(futures)
+            for future in pending:
+                batch = batch_of.pop(future.key)
                 try:
                     results = future.result()
-                except Exception as exc:
+                except KilledWorker as exc:
                     if on_crash is None:
                         raise
-                    results = [on_crash(item, exc) for item in batch_of[future.key]]
+                    if len(batch) > 1:
+                        for item in batch:
+                            retry = client.submit(_apply_to_each, fn, [item], pure=False)
+                            batch_of[retry.key] = [item]
+                            pending.add(retry)
+                        continue
+                    results = [on_crash(batch[0], exc)]
                 for result in results:
                     yield result
                     bar.update()

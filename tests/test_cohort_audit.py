@@ -220,3 +220,13 @@ def test_val_out_slides_moved_to_one_site(tmp_path):
     violations = failing(layout)
     assert violations == {"distribution fidelity": ["val_out slides: site TVD 0.7500 exceeds its best possible 0.0000 by more than 0.05"]}
     assert layout.cohort_report_json.read_bytes() == reported
+
+
+def test_tiles_without_their_candidates_are_a_violation(dataset):
+    slides = slides_of(dataset)
+    slide = slides.loc[slides["split"] == "train", "slide_id"].iloc[0]
+    dataset.candidates_path(slide).unlink()
+    violations = failing(dataset)
+    assert list(violations) == ["distribution fidelity"]
+    [message] = [v for v in violations["distribution fidelity"] if v.startswith(f"slide {slide}:")]
+    assert "0 candidate cells" in message and str(dataset.candidates_path(slide)) in message

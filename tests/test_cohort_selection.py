@@ -233,6 +233,23 @@ def test_a_corrupt_candidate_file_is_that_slides_error(selected):
     assert res.exit_code == 1 and str(layout.candidates_path(broken)) in res.output
 
 
+def test_a_slide_whose_selection_fails_keeps_no_old_selection(selected):
+    layout, _ = selected
+    slide = "TCGA-AA-0002-01Z-00-DX1"
+    path = layout.candidates_path(slide)
+    original = path.read_bytes()
+    assert write_cohort_selection(layout, config()).ok and layout.selection_path(slide).exists()
+    # A readable file (its row count is known) without the columns the draw needs.
+    pd.read_parquet(path).drop(columns=["x", "y"]).to_parquet(path, index=False)
+    try:
+        report = write_cohort_selection(layout, config())
+        assert len(report.errors) == 1 and report.errors[0].startswith(str(path))
+        assert not layout.selection_path(slide).exists() and not layout.tiles_path(slide).exists()
+    finally:
+        path.write_bytes(original)
+    assert write_cohort_selection(layout, config()).ok and layout.selection_path(slide).exists()
+
+
 def test_splits_command_keeps_a_null_budget_from_the_config(selected, tmp_path):
     layout, _ = selected
     pipeline = tmp_path / "pipeline.yaml"

@@ -119,6 +119,20 @@ def test_rows_of_tiles_no_longer_in_the_dataset_are_dropped(dataset):
         write_parquet_atomic(manifest, original, schema.TILES)
 
 
+def test_kept_rows_take_the_split_their_tile_has_now(dataset):
+    assert write_variants(dataset, ["val_in"], size_px=236).ok
+    manifest = next(f for f in sorted(dataset.tiles_dir.glob("*.parquet")) if (pd.read_parquet(f)["split"] == "val_in").any())
+    original = pd.read_parquet(manifest)
+    moved = original.loc[original["split"] == "val_in", "tile_id"].iloc[0]
+    write_parquet_atomic(manifest, original.assign(split=original["split"].where(original["tile_id"] != moved, "train")), schema.TILES)
+    try:
+        assert write_variants(dataset, ["val_in"], size_px=236).ok
+        rows = variant_rows(dataset, "236px-png").set_index("tile_id")
+        assert rows.at[moved, "split"] == "train" and (rows.drop(index=moved)["split"] == "val_in").all()
+    finally:
+        write_parquet_atomic(manifest, original, schema.TILES)
+
+
 def test_jpeg_q70_of_the_dataset_pngs(dataset):
     res = cli("data", "variants", dataset.root, "--split", "val_in", "--size", "224", "--jpeg-quality", "70")
     assert res.exit_code == 0, res.output

@@ -386,12 +386,14 @@ def test_unreadable_tile_is_reported_and_a_rerun_after_the_fix_completes(tmp_pat
         compute_features(layout, fcfg, progress=False)
 
 
-def test_a_store_of_another_format_is_refused(tmp_path, reference_run):
+def test_a_store_of_another_format_is_refused(tmp_path, reference_run, h0_weights):
     layout = copy_dataset(reference_run, tmp_path / "root")
     zarr.open_array(str(layout.features_tokens_path("h0-mini")), mode="r+").attrs["format"] = 1
     for read in (read_cls, open_cls_rows, read_index):
         with pytest.raises(FeaturesError, match="store format 1, this version reads format 2; delete .* and rerun"):
             read(layout)
+    with pytest.raises(FeaturesError, match="store format 1, this version reads format 2; delete .* and rerun"):
+        compute_features(layout, FeaturesConfig(weights=str(h0_weights), chunk_rows=4, batch_size=2, num_workers=0, **H0_D2), progress=False)
 
 
 def test_cli_with_another_registered_timm_backbone(tmp_path, dataset_template):

@@ -273,6 +273,13 @@ def _check_distribution(layout: DatasetLayout, slides: pd.DataFrame, counts: pd.
     capacity, unreadable = candidate_counts(layout, usable["slide_id"].tolist())
     dist_check.violations += [unreadable[k] for k in sorted(unreadable)]
     usable = usable.assign(capacity=capacity)
+    # Selected tiles beyond a slide's candidate cells (a candidate file deleted or rewritten since): the
+    # capacity-bound "best possible" below would then excuse any distribution.
+    in_slide = counts[list(SPLITS)].sum(axis=1).reindex(usable["slide_id"], fill_value=0).to_numpy()
+    for slide_id, n, cap in zip(usable["slide_id"], in_slide, capacity):
+        if n > cap and slide_id not in unreadable:
+            dist_check.fail(f"slide {slide_id}: {n} selected tiles but {cap} candidate cells in {layout.candidates_path(slide_id)}; "
+                            "the candidates changed since the selection: rerun the build")
     for name, side in split_sources(external).items():
         src = usable[usable["split"] == side]
         drawn = {split: counts[col].reindex(src["slide_id"], fill_value=0).to_numpy() for split, col in column.items()}

@@ -165,8 +165,8 @@ class _SlideJob:
 def _crashed_selection(job: _SlideJob, exc: BaseException) -> dict:
     path = DatasetLayout(job.root).candidates_path(job.slide_id)
     return {"slide_id": job.slide_id, "error": one_line(
-        f"{path}: the worker process died ({exc.__class__.__name__}) selecting a batch of slides that includes this one; "
-        "rerun the build (with --workers 1 to find the slide that crashes it)")}
+        f"{path}: the worker process died ({exc.__class__.__name__}) selecting this slide; the file is probably "
+        "corrupt: delete it and rerun the build to recompute it")}
 
 
 def _select_slide(job: _SlideJob) -> dict:
@@ -422,8 +422,8 @@ def select_tiles(
         on_crash=_crashed_selection, batch_size=SELECTION_BATCH,
     )
     errors = {r["slide_id"]: r["error"] for r in results if r["error"]} | unreadable
-    # A slide whose candidates cannot be read gets no selection: an old one would not match the plan.
-    stale = _remove_stale_selections(layout, set(plan["slide_id"]) - set(unreadable))
+    # A slide whose selection failed keeps no old one: it would not match the plan.
+    stale = _remove_stale_selections(layout, set(plan["slide_id"]) - set(errors))
 
     splits, per_tss, per_project = summarise(plan, cohort)
     report = SelectionReport(
@@ -449,7 +449,8 @@ def write_cohort_selection(layout: DatasetLayout, cfg: PipelineConfig) -> Select
 
 
 def _remove_stale_selections(layout: DatasetLayout, keep: set[str]) -> int:
-    """A slide that left the cohort (now excluded or failed) must not keep an old selection file."""
+    """A slide that left the cohort (now excluded or failed), or whose selection failed, must not keep an
+    old selection file (nor the tile manifest made from it)."""
     if not layout.selection_dir.exists():
         return 0
     stale = [p for p in layout.selection_dir.glob("*.parquet") if p.stem not in keep]

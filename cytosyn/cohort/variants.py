@@ -88,12 +88,16 @@ def _variant_slide(job: _VariantJob) -> dict:
         # A variant folder is one encoding of the dataset's tiles: asking for more splits later adds
         # their rows, so what an earlier request wrote is kept, unless its image has gone or the tile
         # is no longer in the dataset (a changed selection).
+        # A tile keeps its id when a new selection moves it to another split: its labels come from now.
         written = _written(layout, name, job.slide_id)
         on_disk = np.array([layout.resolve(p).exists() for p in written["image_path"]], dtype=bool)
         done = written[written["tile_id"].isin(current["tile_id"]).to_numpy() & on_disk]
+        labels = current.set_index("tile_id").loc[done["tile_id"], ["split", "guidance"]]
+        relabelled = done.assign(split=labels["split"].to_numpy(), guidance=labels["guidance"].fillna(False).astype(bool).to_numpy())
         todo = rows[~rows["tile_id"].isin(done["tile_id"])].reset_index(drop=True)
-        if todo.empty and len(done) == len(written):
+        if todo.empty and len(done) == len(written) and relabelled[["split", "guidance"]].equals(done[["split", "guidance"]]):
             return {"slide_id": job.slide_id, "tiles": len(rows), "error": None}
+        done = relabelled
         ext = "png" if job.jpeg_quality is None else "jpg"
         remove_stale_temporaries(layout.variant_slide_images_dir(name, job.project, job.slide_id))
         read, slide = _reader(layout, job, todo)
@@ -201,6 +205,7 @@ def write_variants(
             )
         )
     name = variant_name(size_px, jpeg_quality)
+    remove_stale_temporaries(layout.variants_dir(name) / "tiles", recursive=False)
     report = VariantReport(name)
     for res in sorted(map_unordered(_variant_slide, jobs, workers=workers, dask_address=dask_address, desc=name),
                       key=lambda r: r["slide_id"]):

@@ -229,10 +229,9 @@ def plan_store(store: FeatureStore, provenance: dict, chunk_rows: int) -> int:
         existing = _tokens_attrs(store)
         if _identity(existing) != _identity(attrs):
             diff = sorted(k for k in IDENTITY_KEYS if existing.get(k) != attrs.get(k))
-            raise FeaturesError(
-                f"{store.dir}: computed with different {', '.join(diff)} than asked now "
-                f"(tile manifest, weights or settings changed); delete {store.dir} and rerun `cytosyn data features`"
-            )
+            why = (f"store format {existing.get('format')}, this version reads format {FORMAT_VERSION}" if diff == ["format"]
+                   else f"computed with different {', '.join(diff)} than asked now (tile manifest, weights or settings changed)")
+            raise FeaturesError(f"{store.dir}: {why}; delete {store.dir} and rerun `cytosyn data features`")
     return rows
 
 

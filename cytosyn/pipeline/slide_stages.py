@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cytosyn.config import PipelineConfig
 from cytosyn.errors import one_line
@@ -65,8 +67,9 @@ def scan_slide(job: SlideJob) -> dict:
                 mpp_x=slide.mpp_x, mpp_y=slide.mpp_y, mpp_source=slide.mpp.source,
             )
             cand_path = layout.candidates_path(job.slide_id)
-            if cand_path.exists():
-                row["n_candidates"] = pd.read_parquet(cand_path, columns=["tile_id"]).shape[0]
+            done = _row_count(cand_path)
+            if done is not None:
+                row["n_candidates"] = done
                 return row
             tissue, tiling = job.cfg.tissue, job.cfg.tiling
             mask = tissue_mask(slide.read_at_mpp(tissue.mask_mpp), tissue.mask_mpp, tissue)
@@ -81,6 +84,14 @@ def scan_slide(job: SlideJob) -> dict:
     except Exception as exc:  # noqa: BLE001 - bad input never stops the batch
         row.update(status="error", error=_error_message(job, exc))
     return row
+
+
+def _row_count(path: Path) -> int | None:
+    """Rows of a finished Parquet file; None when it is missing or unreadable (then it is made again)."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException):
+        return None
 
 
 def extract_slide(job: SlideJob) -> dict:

@@ -32,7 +32,8 @@ def qc_thumbnail(
     sx, sy = level0_scale[0] * scale, level0_scale[1] * scale
     for row in tiles.itertuples(index=False):
         # guidance tiles are training tiles flagged for the guidance set: drawn in their own colour
-        split = "guidance" if getattr(row, "guidance", False) is True else getattr(row, "split", "train")
+        flagged = getattr(row, "guidance", False)
+        split = "guidance" if pd.notna(flagged) and bool(flagged) else getattr(row, "split", "train")
         colour = SPLIT_COLOURS.get(split, (0, 0, 0))
         x0, y0 = int(row.x * sx), int(row.y * sy)
         x1, y1 = int((row.x + footprint_level0[0]) * sx), int((row.y + footprint_level0[1]) * sy)
