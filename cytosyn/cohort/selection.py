@@ -175,9 +175,8 @@ def _select_slide(job: _SlideJob) -> dict:
         cands = _read_candidates(layout.candidates_path(job.slide_id))
         order = pc.sort_indices(cands, sort_keys=_CELL_ORDER).to_numpy()
         positions, codes, guidance = draw_cells(len(order), dict(job.counts), job.seed, job.slide_id, job.external)
-        # The picks in position order are in cell order; picks sharing a key (duplicate candidates)
-        # keep their draw order, as a stable sort of the picks by that key would.
-        by_cell = np.argsort(_key_ranks(cands, order)[positions], kind="stable")
+        # Positions index the cells in (y, x, tile_id) order: sorting them puts the picks in cell order.
+        by_cell = np.argsort(positions)
         picked = cands.take(order[positions[by_cell]])
         picked = picked.append_column("split", pc.take(_SPLIT_NAMES, codes[by_cell])).append_column("guidance", pa.array(guidance[by_cell]))
         write_slide_selection(layout, job.slide_id, picked)
@@ -195,18 +194,6 @@ def _read_candidates(path: Path) -> pa.Table:
     with pq.ParquetFile(path) as f:
         # read() skips the columns a file lacks; select() makes a missing one this slide's error.
         return f.read(columns=schema.CANDIDATES.names, use_threads=False).select(schema.CANDIDATES.names)
-
-
-def _key_ranks(cells: pa.Table, order: np.ndarray) -> np.ndarray:
-    """For the rows of ``cells`` in ``order`` (sorted by (y, x, tile_id)): the rank of each one's key
-    among the distinct keys, so duplicate candidates share a rank."""
-    y, x = cells["y"].to_numpy()[order], cells["x"].to_numpy()[order]
-    new = np.ones(len(order), dtype=bool)
-    # Only a row on the same cell as the row before it can repeat its key: their tile_ids decide.
-    same = np.flatnonzero((y[1:] == y[:-1]) & (x[1:] == x[:-1])) + 1
-    tiles = cells["tile_id"]
-    new[same] = pc.not_equal(tiles.take(order[same]), tiles.take(order[same - 1])).to_numpy(zero_copy_only=False)
-    return np.cumsum(new)
 
 
 def _candidates_error(path: Path, exc: Exception) -> str:
