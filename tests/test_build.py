@@ -283,13 +283,14 @@ def test_a_slide_without_mpp_builds_with_each_documented_way_of_giving_one(tmp_p
         assert len(tiles) > 0 and (tiles["read_size_level0"] == round(224 * 0.5 / mpp)).all(), way
 
 
-def test_an_unreadable_candidate_file_is_made_again(tmp_path, synthetic_folder):
+def test_unreadable_candidate_and_tile_manifests_are_made_again(tmp_path, synthetic_folder):
     cfg = write_config(tmp_path / "p.yaml", tiling={"max_tiles_per_slide": 4})
     out = tmp_path / "ds"
     assert run_cli("data", "build", cfg, "--slides", synthetic_folder, "--out", out).returncode == 0
     before = tree_digest(out, MANIFESTS)
-    broken = out / "candidates" / f"{TCGA_NAMES[1].split('.')[0]}.parquet"
-    broken.write_bytes(b"not parquet")
+    slide_id = TCGA_NAMES[1].split(".")[0]
+    for broken in (out / "candidates" / f"{slide_id}.parquet", out / "tiles" / f"{slide_id}.parquet"):
+        broken.write_bytes(b"not parquet")
     res = run_cli("data", "build", cfg, "--slides", synthetic_folder, "--out", out)
     assert res.returncode == 0, res.stderr
     assert tree_digest(out, MANIFESTS) == before

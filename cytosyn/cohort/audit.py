@@ -271,7 +271,8 @@ def _check_distribution(layout: DatasetLayout, slides: pd.DataFrame, counts: pd.
         return
     usable = slides[(slides["status"] == "ok") & slides["split"].notna()]
     capacity, unreadable = candidate_counts(layout, usable["slide_id"].tolist())
-    dist_check.violations += [unreadable[k] for k in sorted(unreadable)]
+    for slide_id in sorted(unreadable):
+        dist_check.fail(unreadable[slide_id])
     usable = usable.assign(capacity=capacity)
     # Selected tiles beyond a slide's candidate cells (a candidate file deleted or rewritten since): the
     # capacity-bound "best possible" below would then excuse any distribution.

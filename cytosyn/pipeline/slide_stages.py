@@ -100,8 +100,9 @@ def extract_slide(job: SlideJob) -> dict:
     result: dict = {"slide_id": job.slide_id, "status": "ok", "error": None, "n_tiles": 0}
     tiles_path = layout.tiles_path(job.slide_id)
     # The selection stage deletes a slide's tile manifest whenever its selection changes.
-    if tiles_path.exists():
-        result["n_tiles"] = pd.read_parquet(tiles_path, columns=["tile_id"]).shape[0]
+    done = _row_count(tiles_path)
+    if done is not None:
+        result["n_tiles"] = done
         return result
     try:
         remove_stale_temporaries(layout.slide_images_dir(job.project, job.slide_id))
